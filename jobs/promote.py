@@ -1,0 +1,52 @@
+"""Promote a registered CoAtNet version to the `champion` alias when it beats the current one.
+
+    python jobs/promote.py --name coatnet-demo [--version 3] [--val data/demo/val] [--margin 0.005]
+    python jobs/promote.py --name coatnet-demo --version 4 --force --reason "hotfix: new label set"
+
+Both versions are evaluated on the same data (--val, default: the candidate's `data.val` tag), each
+with its own preprocessing; scores and the decision are written as tags on the versions (nothing is
+deleted), and re-running changes nothing. Prints the decision as JSON. Tracking server: the
+MLFLOW_TRACKING_URI environment variable or --tracking-uri.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--name", default="coatnet-demo", help="registered model name")
+    p.add_argument("--version", default=None, help="candidate version (default: the newest)")
+    p.add_argument("--val", default=None, help="evaluation split (folder or URL holding index.json)")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--metric", default="top1", choices=["top1", "top5"])
+    p.add_argument("--margin", type=float, default=0.0, help="required improvement of the metric")
+    p.add_argument("--force", action="store_true", help="move the alias even when not better (recorded)")
+    p.add_argument("--reason", default="", help="why --force was used (recorded in tags)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tracking-uri", default=None)
+    a = p.parse_args(argv)
+
+    import mlflow
+
+    from pipeline.registry import RegistryError, promote
+
+    if a.tracking_uri:
+        mlflow.set_tracking_uri(a.tracking_uri)
+    try:
+        d = promote(a.name, a.version, val=a.val, alias=a.alias, margin=a.margin, metric=a.metric,
+                    force=a.force, reason=a.reason, batch_size=a.batch_size)
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(d.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
