@@ -1,0 +1,16 @@
+"""Streaming data pipeline: WebDataset shards + index on any fsspec storage, exact rank/worker
+split, torchvision v2 transforms, resumable position. The contract is in docs/DESIGN.md."""
+from pipeline.data.demo import DEMO_CLASSES, demo_sample
+from pipeline.data.index import ShardIndex, ShardInfo
+from pipeline.data.loader import Batch, LoaderStats, SkippedSample, StreamingLoader
+from pipeline.data.storage import DataError, RetryPolicy, register_webdataset_handlers
+from pipeline.data.transforms import AugmentConfig
+from pipeline.data.writer import (ShardOptions, WriteSummary, list_image_folder, read_manifest,
+                                  write_demo_shards, write_shards)
+
+__all__ = [
+    "AugmentConfig", "Batch", "DEMO_CLASSES", "DataError", "LoaderStats", "RetryPolicy",
+    "ShardIndex", "ShardInfo", "ShardOptions", "SkippedSample", "StreamingLoader", "WriteSummary",
+    "demo_sample", "list_image_folder", "read_manifest", "register_webdataset_handlers",
+    "write_demo_shards", "write_shards",
+]
