@@ -1,0 +1,96 @@
+"""Capacity planner: compute, time, ZeRO-3 memory per GPU and data rate for a CoAtNet pretraining run.
+
+    python jobs/plan.py --variant coatnet_3 --img-size 224 --dataset jft-300m --epochs 14 \
+        --global-batch 4096 --gpu H100-SXM --num-gpus 64
+    python jobs/plan.py --paper        # our FLOP count vs the paper's TPUv3-core-days
+
+FLOPs come from the model's own counter (models.count_flops, multiply-accumulates; FLOPs = 2 x MACs,
+training = 3 x forward). Activation memory is measured (saved-tensor hooks, forward + backward on
+the meta device). The logic lives in pipeline/plan.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipeline import plan as planner  # noqa: E402
+
+
+def _count(text: str) -> int:
+    if text in planner.DATASETS:
+        return planner.DATASETS[text]
+    try:
+        return int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a number of images (e.g. 1.28e6) or one of {', '.join(planner.DATASETS)}")
+
+
+def main(argv=None) -> int:
+    d = planner.PlanInputs()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default=d.variant, help="model name for models.create_model")
+    ap.add_argument("--img-size", type=int, default=d.img_size)
+    ap.add_argument("--dataset", type=_count, default=d.dataset_size,
+                    help=f"images per epoch, or one of {', '.join(planner.DATASETS)} (default jft-300m)")
+    ap.add_argument("--epochs", type=float, default=d.epochs)
+    ap.add_argument("--global-batch", type=int, default=d.global_batch)
+    ap.add_argument("--gpu", default=d.gpu, choices=list(planner.GPUS))
+    ap.add_argument("--num-gpus", type=int, default=d.num_gpus)
+    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
+    ap.add_argument("--mfu", type=float, default=d.mfu, help="model FLOPs utilisation (default 0.40)")
+    ap.add_argument("--offload", choices=["none", "cpu", "nvme"], default=d.offload,
+                    help="ZeRO-3 offload of optimizer states + params (infra/deepspeed/*.json)")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    ap.add_argument("--bytes-per-image", type=float, default=d.bytes_per_image,
+                    help="average encoded bytes per sample in the shards (default 110e3)")
+    ap.add_argument("--min-micro-batch", type=int, default=d.min_micro_batch)
+    ap.add_argument("--usd-per-gpu-hour", type=float, default=None, help="price, for a cost line")
+    ap.add_argument("--deepspeed-config", default=None,
+                    help="read ZeRO-3 buckets/thresholds from this JSON (default: the built-in values "
+                         "of infra/deepspeed/zero3_bf16.json)")
+    ap.add_argument("--paper", action="store_true", help="print the comparison with the paper's compute")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    args = ap.parse_args(argv)
+
+    if args.paper:
+        rows = planner.paper_check()
+        if args.json:
+            print(json.dumps([r.__dict__ for r in rows], indent=2))
+        else:
+            print(planner.format_paper_check(rows))
+        return 0
+
+    inp = planner.PlanInputs(
+        variant=args.variant, img_size=args.img_size, dataset_size=args.dataset, epochs=args.epochs,
+        global_batch=args.global_batch, gpu=args.gpu, num_gpus=args.num_gpus,
+        gpus_per_node=args.gpus_per_node, mfu=args.mfu, checkpointing=args.checkpointing,
+        offload=args.offload, bytes_per_image=args.bytes_per_image,
+        min_micro_batch=args.min_micro_batch, usd_per_gpu_hour=args.usd_per_gpu_hour)
+    zero = None
+    if args.deepspeed_config:
+        with open(args.deepspeed_config) as f:
+            zero = planner.ZeroSettings.from_deepspeed_config(json.load(f), offload=args.offload)
+    try:
+        p = planner.plan(inp, zero)
+    except ValueError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {"inputs": inp.__dict__, "facts": p.facts.__dict__,
+               "memory": {**p.memory.__dict__, "total": p.memory.total},
+               **{k: getattr(p, k) for k in ("total_flops", "seconds", "gpu_hours", "micro_batch",
+                                             "grad_accum", "fits", "min_gpus", "images_per_s",
+                                             "mb_per_s", "cost_usd")}}
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(planner.format_plan(p))
+    return 0 if p.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
