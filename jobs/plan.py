@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     ap.add_argument("--bytes-per-image", type=float, default=d.bytes_per_image,
                     help="average encoded bytes per sample in the shards (default 110e3)")
+    ap.add_argument("--decode-rate", type=float, default=d.decode_images_per_core_s,
+                    help="images/s one CPU core decodes + augments (default 300, measured here)")
     ap.add_argument("--min-micro-batch", type=int, default=d.min_micro_batch)
     ap.add_argument("--usd-per-gpu-hour", type=float, default=None, help="price, for a cost line")
     ap.add_argument("--deepspeed-config", default=None,
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
         global_batch=args.global_batch, gpu=args.gpu, num_gpus=args.num_gpus,
         gpus_per_node=args.gpus_per_node, mfu=args.mfu, checkpointing=args.checkpointing,
         offload=args.offload, bytes_per_image=args.bytes_per_image,
-        min_micro_batch=args.min_micro_batch, usd_per_gpu_hour=args.usd_per_gpu_hour)
+        min_micro_batch=args.min_micro_batch, usd_per_gpu_hour=args.usd_per_gpu_hour,
+        decode_images_per_core_s=args.decode_rate)
     zero = None
     if args.deepspeed_config:
         with open(args.deepspeed_config) as f:
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
                "memory": {**p.memory.__dict__, "total": p.memory.total},
                **{k: getattr(p, k) for k in ("total_flops", "seconds", "gpu_hours", "micro_batch",
                                              "grad_accum", "fits", "min_gpus", "images_per_s",
-                                             "mb_per_s", "cost_usd")}}
+                                             "mb_per_s", "decode_cores", "cost_usd")}}
         print(json.dumps(out, indent=2, default=str))
     else:
         print(planner.format_plan(p))

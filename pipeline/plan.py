@@ -432,6 +432,9 @@ class PlanInputs:
     checkpointing: bool = False
     offload: str = "none"
     bytes_per_image: float = 110e3  # average encoded bytes per sample in the shards
+    # JPEG decode + RandomResizedCrop + flip + normalise, images/s on one CPU core: measured here
+    # (PIL, 500x375 JPEG of 71 KB, torchvision v2, 1 thread); RandAugment lowers it.
+    decode_images_per_core_s: float = 300.0
     min_micro_batch: int = 8  # BatchNorm in the MBConv stages wants a few images per rank
     headroom: float = DEFAULT_HEADROOM
     usd_per_gpu_hour: Optional[float] = None
@@ -451,6 +454,7 @@ class Plan:
     min_gpus: Optional[int]  # smallest count (1, 2, 4, then multiples of gpus_per_node) that fits
     images_per_s: float
     mb_per_s: float
+    decode_cores: float  # CPU cores the loaders need for decode + augmentation, cluster-wide
     cost_usd: Optional[float]
 
 
@@ -517,6 +521,7 @@ def plan(inp: PlanInputs, zero: Optional[ZeroSettings] = None) -> Plan:
         grad_accum=(inp.global_batch // inp.num_gpus // micro) if micro else None,
         memory=mem, fits=micro is not None, min_gpus=min_gpus,
         images_per_s=images_per_s, mb_per_s=images_per_s * inp.bytes_per_image / 1e6,
+        decode_cores=images_per_s / inp.decode_images_per_core_s,
         cost_usd=gpu_hours * inp.usd_per_gpu_hour if inp.usd_per_gpu_hour else None,
     )
 
@@ -610,6 +615,8 @@ def format_plan(p: Plan) -> str:
         ("images / s (cluster)", f"{p.images_per_s:,.0f}  ({p.images_per_s / i.num_gpus:,.1f} per GPU)"),
         ("read rate", f"{p.mb_per_s:,.0f} MB/s at {i.bytes_per_image / 1e3:,.0f} KB/image"
          f"  ({p.mb_per_s / max(1, i.num_gpus // i.gpus_per_node):,.0f} MB/s per node)"),
+        ("decode + augment", f"{p.decode_cores:,.0f} CPU cores ({p.decode_cores / i.num_gpus:,.1f} per GPU)"
+         f" at {i.decode_images_per_core_s:,.0f} images/s/core"),
     ]
     return "\n".join(["Compute", _table(compute), "", "Memory per GPU (ZeRO-3, bf16, AdamW)",
                       _table(mem), "", "Data rate the loaders and storage must sustain",

@@ -41,6 +41,7 @@ def test_flops_equal_the_models_own_counter():
     assert p.seconds == pytest.approx(p.total_flops / (8 * 312e12 * 0.5))
     assert p.images_per_s == pytest.approx(8 * 312e12 * 0.5 / facts.train_flops)
     assert p.mb_per_s == pytest.approx(p.images_per_s * 110e3 / 1e6)
+    assert p.decode_cores == pytest.approx(p.images_per_s / inp.decode_images_per_core_s)
 
 
 def test_flop_counter_agrees_on_meta_and_cpu():
@@ -199,5 +200,5 @@ def test_cli_help_and_table():
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert t.returncode == 0, t.stderr
     for row in ("forward MACs / image", "total compute", "activations (measured)",
-                "smallest GPU count", "read rate"):
+                "smallest GPU count", "read rate", "decode + augment"):
         assert row in t.stdout
