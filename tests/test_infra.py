@@ -156,6 +156,74 @@ def test_no_credentials_in_infra_files():
 # ------------------------------------------------------------------------------------ KubeRay
 
 
+# Field names, required fields and enums of the ray.io/v1 CRDs, transcribed from KubeRay's
+# ray-operator/apis/ray/v1/raycluster_types.go and rayjob_types.go (master, Ray 2.60 era). With
+# additionalProperties false a misspelt field fails here instead of being pruned by the API server.
+_POD_TEMPLATE = {"type": "object", "required": ["spec"],
+                 "properties": {"spec": {"type": "object", "required": ["containers"]}}}
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_HEAD = {"type": "object", "required": ["template"], "additionalProperties": False, "properties": {
+    "template": _POD_TEMPLATE, "headService": {"type": "object"}, "enableIngress": {"type": "boolean"},
+    "ingressOptions": {"type": "object"}, "resources": _STR_MAP, "labels": _STR_MAP,
+    "rayStartParams": _STR_MAP, "serviceType": {"type": "string"}}}
+_WORKER = {"type": "object", "required": ["groupName", "minReplicas", "maxReplicas", "template"],
+           "additionalProperties": False, "properties": {
+    "suspend": {"type": "boolean"}, "groupName": {"type": "string", "minLength": 1},
+    "replicas": {"type": "integer", "minimum": 0}, "minReplicas": {"type": "integer", "minimum": 0},
+    "maxReplicas": {"type": "integer", "minimum": 0}, "idleTimeoutSeconds": {"type": "integer"},
+    "priority": {"type": "integer"}, "resources": _STR_MAP, "labels": _STR_MAP,
+    "rayStartParams": _STR_MAP, "template": _POD_TEMPLATE, "scaleStrategy": {"type": "object"},
+    "numOfHosts": {"type": "integer", "minimum": 1}}}
+_CLUSTER_SPEC = {"type": "object", "required": ["headGroupSpec"], "additionalProperties": False,
+                 "properties": {
+    "upgradeStrategy": {"type": "object"},
+    "authOptions": {"type": "object", "additionalProperties": False, "properties": {
+        "enableK8sTokenAuth": {"type": "boolean"}, "secretName": {"type": "string"},
+        "mode": {"enum": ["disabled", "token"]}}},
+    "suspend": {"type": "boolean"}, "managedBy": {"type": "string"},
+    "autoscalerOptions": {"type": "object", "properties": {
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+        "idleTimeoutSeconds": {"type": "integer"}}},
+    "headServiceAnnotations": _STR_MAP, "enableInTreeAutoscaling": {"type": "boolean"},
+    "gcsFaultToleranceOptions": {"type": "object"}, "historyServerOptions": {"type": "object"},
+    "networkPolicy": {"type": "object"}, "tlsOptions": {"type": "object"},
+    "headGroupSpec": _HEAD, "rayVersion": {"type": "string"},
+    "workerGroupSpecs": {"type": "array", "items": _WORKER}}}
+_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}}
+CRD_SCHEMAS = {
+    "RayCluster": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+                   "properties": {"apiVersion": {"const": "ray.io/v1"}, "metadata": _META,
+                                  "spec": _CLUSTER_SPEC}},
+    "RayJob": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+               "properties": {"apiVersion": {"const": "ray.io/v1"}, "metadata": _META,
+                              "spec": {"type": "object", "additionalProperties": False, "properties": {
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+        "backoffLimit": {"type": "integer", "minimum": 0}, "clusterSelector": _STR_MAP,
+        "entrypoint": {"type": "string"}, "entrypointNumCpus": {"type": "number"},
+        "entrypointNumGpus": {"type": "number"}, "entrypointResources": {"type": "string"},
+        "jobId": {"type": "string"}, "managedBy": {"type": "string"}, "metadata": _STR_MAP,
+        "rayClusterSpec": _CLUSTER_SPEC, "runtimeEnvYAML": {"type": "string"},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "submitterPodTemplate": _POD_TEMPLATE, "submitterConfig": {"type": "object"},
+        "suspend": {"type": "boolean"}, "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "deletionStrategy": {"type": "object"}}}}},
+}
+
+
+def test_kuberay_manifests_match_the_crd_schemas():
+    import jsonschema
+
+    for kind, schema in CRD_SCHEMAS.items():
+        (doc,) = _docs(kind)
+        jsonschema.validate(doc, schema)
+        bad = copy.deepcopy(doc)
+        spec = bad["spec"].get("rayClusterSpec", bad["spec"])
+        spec["workerGroupSpecs"][0]["maxReplica"] = spec["workerGroupSpecs"][0].pop("maxReplicas")
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
 def _docs(kind):
     out = []
     for p in sorted(KUBERAY.glob("*.yaml")):
