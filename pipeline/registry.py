@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
-import hashlib
 import io
 import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -84,7 +84,7 @@ class ModelSpec:
     class_names: list[str] = field(default_factory=list)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    crop_pct: float = 1.0            # resize the shorter side to size / crop_pct, centre-crop size
+    crop_pct: float = 0.875          # eval: resize the shorter side to size / crop_pct, centre crop
     interpolation: str = "bilinear"
     label_type: str = "single"
     format: int = SPEC_FORMAT
@@ -119,6 +119,16 @@ class ModelSpec:
         return cls(variant=variant, num_classes=int(model.num_classes), img_size=tuple(model.img_size),
                    overrides=dict(overrides or {}), class_names=list(class_names or []), **kw)
 
+    @classmethod
+    def for_data(cls, model, variant: str, index, augment=None, overrides: dict | None = None) -> "ModelSpec":
+        """Spec of a model trained on ``index`` (ShardIndex) with ``augment`` (AugmentConfig)."""
+        from pipeline.data import AugmentConfig
+
+        a = augment or AugmentConfig()
+        return cls.from_model(model, variant, class_names=list(index.class_names), overrides=overrides,
+                              mean=tuple(a.mean), std=tuple(a.std), crop_pct=a.eval_crop_pct,
+                              interpolation=a.interpolation, label_type=index.label_type)
+
     def build(self):
         """A freshly initialised network of this spec (weights not loaded)."""
         import models
@@ -130,56 +140,54 @@ class ModelSpec:
             raise RegistryError(f"cannot build model {self.variant!r} from its spec: {e}") from None
 
 
-def _pil_resample(name: str):
+def spec_augment(spec: "ModelSpec"):
+    """The pipeline.data AugmentConfig whose eval transform is this model's preprocessing."""
+    from pipeline.data import AugmentConfig
+
+    return AugmentConfig(eval_crop_pct=spec.crop_pct, interpolation=spec.interpolation,
+                         mean=tuple(spec.mean), std=tuple(spec.std))
+
+
+def to_uint8_chw(image):
+    """bytes / path / PIL image / HWC array -> uint8 [3,H,W] tensor (decoded as the loader does)."""
+    import torch
     from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
 
-    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[name]
-
-
-def to_pil(image):
-    """bytes / path / PIL image / HWC uint8 array -> RGB PIL image."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(image))).convert("RGB")
     if isinstance(image, (str, os.PathLike)):
         import fsspec
 
         with fsspec.open(str(image), "rb") as f:
-            return Image.open(io.BytesIO(f.read())).convert("RGB")
+            image = f.read()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            return decode_image(torch.frombuffer(bytearray(image), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:  # formats torchvision cannot decode (gif, bmp, tiff): PIL
+            image = Image.open(io.BytesIO(bytes(image)))
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, -1)
     if arr.dtype != np.uint8:
         arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr[..., :3]).convert("RGB")
+    return torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1)
 
 
-def preprocess(images: Iterable, spec: ModelSpec):
-    """Images (any of ``to_pil``'s inputs) -> float tensor [B,3,H,W], normalised as in training.
+def preprocess(images: Iterable, spec: "ModelSpec"):
+    """Images (encoded bytes, paths/URLs, PIL images or HWC uint8 arrays) -> float [B,3,H,W].
 
-    Eval transform: resize the shorter side to size/crop_pct, centre crop, scale to [0,1],
-    normalise with the spec's mean/std (crop_pct 1.0 on square images is a plain resize).
+    Exactly the eval transform of pipeline.data (resize to size/crop_pct, centre crop, normalise)
+    with the spec's settings, so served inputs see what validation saw during training.
     """
     import torch
+    from pipeline.data.transforms import sample_transform
 
     h, w = spec.img_size
-    out = []
-    for im in images:
-        im = to_pil(im)
-        scale = max(h / im.height, w / im.width) / spec.crop_pct
-        rh, rw = max(h, round(im.height * scale)), max(w, round(im.width * scale))
-        if (rh, rw) != (im.height, im.width):
-            im = im.resize((rw, rh), _pil_resample(spec.interpolation))
-        top, left = (rh - h) // 2, (rw - w) // 2
-        im = im.crop((left, top, left + w, top + h))
-        out.append(np.asarray(im, dtype=np.float32) / 255.0)
-    x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    return (x - mean) / std
+    if h != w:
+        raise RegistryError(f"non-square img_size {spec.img_size} is not supported by the data transforms")
+    tf = sample_transform(spec_augment(spec), h, train=False)
+    return torch.stack([tf(to_uint8_chw(im)) for im in images])
 
 
 def top_k(logits, spec: ModelSpec, k: int = 5) -> list[dict]:
@@ -319,9 +327,15 @@ def log_model(model_or_state_dict, spec: ModelSpec, *, name: str = "model",
         wrapper = CoAtNetPyfunc()
         wrapper.model, wrapper.spec, wrapper.device = net, spec, torch.device("cpu")
         out = wrapper.predict(None, example)
-        signature = infer_signature(example, out, params={"top_k": 5})
+        with warnings.catch_warnings():  # "integer columns cannot hold missing values": none here
+            warnings.simplefilter("ignore", UserWarning)
+            signature = infer_signature(example, out, params={"top_k": 5})
+        # Models from code: MLflow stores this file, not a pickled object of ours.
+        entry = os.path.join(tmp, "coatnet_pyfunc.py")
+        Path(entry).write_text("import mlflow\nfrom pipeline.registry import CoAtNetPyfunc\n\n"
+                               "mlflow.models.set_model(CoAtNetPyfunc())\n")
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=CoAtNetPyfunc(),
+            name=name, python_model=entry,
             artifacts={"weights": wpath, "spec": spath},
             code_paths=[str(REPO_ROOT / "models"), str(REPO_ROOT / "pipeline")],
             signature=signature, input_example=example,
@@ -473,92 +487,57 @@ def data_fingerprint(val: str) -> str:
     """A short stable id of an evaluation data set: hash of its index (shard names + checksums)."""
     from pipeline.data import ShardIndex
 
-    idx = ShardIndex.load(val)
-    payload = json.dumps({"shards": [str(getattr(s, "sha256", None) or s) for s in idx.shards],
-                          "n": idx.num_samples, "classes": list(idx.class_names)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    try:
+        idx = ShardIndex.load(val)
+    except Exception as e:  # noqa: BLE001 - DataError, OSError: say what is wrong, once
+        raise RegistryError(f"cannot read evaluation data {val!r}: {e}") from None
+    return idx.fingerprint()[:12]
 
 
 def iter_samples(val: str) -> Iterator[tuple[str, bytes, int]]:
-    """(key, encoded image bytes, label) for every sample of the split, in index order."""
-    import tarfile
-
-    import fsspec
+    """(key, encoded image bytes, label or -1) for every sample of a split, in index order."""
     from pipeline.data import ShardIndex
 
-    idx = ShardIndex.load(val)
-    for url in shard_urls(idx):
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            group: dict[str, dict[str, bytes]] = {}
-            order: list[str] = []
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                key, _, ext = base.partition(".")
-                key = os.path.join(os.path.dirname(m.name), key)
-                if key not in group:
-                    group[key] = {}
-                    order.append(key)
-                group[key][ext.lower()] = tar.extractfile(m).read()
-            for key in order:
-                s = group[key]
-                img = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
-                if img is None:
-                    continue
-                if "cls" in s:
-                    label = int(s["cls"].decode().strip())
-                elif "json" in s:
-                    label = int(json.loads(s["json"]).get("label", -1))
-                else:
-                    label = -1
-                yield key, img, label
+    for url in shard_urls(ShardIndex.load(val)):
+        for key, img, files in _iter_tar(url):
+            label = int(files["cls"].decode().strip()) if "cls" in files else -1
+            yield key, img, label
 
 
 def shard_urls(idx) -> list[str]:
-    urls = []
-    for s in idx.shards:
-        u = getattr(s, "url", None) or (s.get("url") if isinstance(s, dict) else str(s))
-        urls.append(u)
-    return urls
+    return [idx.shard_url(i) for i in range(idx.num_shards)]
 
 
-def evaluate(model, spec: ModelSpec, val: str, *, batch_size: int = 64, limit: int | None = None) -> dict:
-    """Top-1 / top-5 accuracy and mean cross-entropy on every sample of ``val`` (single-label)."""
+def evaluate(model, spec: ModelSpec, val: str, *, batch_size: int = 64, num_workers: int = 0) -> dict:
+    """Top-1 / top-5 accuracy and mean cross-entropy over every sample of ``val`` (single-label),
+    read by pipeline.data's StreamingLoader with the model's own eval preprocessing."""
     import torch
     import torch.nn.functional as F
+    from pipeline.data import DataError, StreamingLoader
 
+    h, _ = spec.img_size
+    try:
+        loader = StreamingLoader(val, batch_size=batch_size, img_size=h, train=False, num_workers=num_workers,
+                                 augment=spec_augment(spec), max_skip_fraction=0.0)
+    except DataError as e:
+        raise RegistryError(str(e)) from None
+    if loader.index.num_classes != spec.num_classes:
+        raise RegistryError(f"evaluation data has {loader.index.num_classes} classes, the model {spec.num_classes}")
     device = _device()
     model = model.to(device).eval()
     n = correct1 = correct5 = 0
     loss = 0.0
-    buf_img, buf_lab = [], []
-
-    def flush():
-        nonlocal n, correct1, correct5, loss
-        x = preprocess(buf_img, spec).to(device)
-        y = torch.tensor(buf_lab, device=device)
-        with torch.inference_mode():
-            logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[-1]), -1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(-1).sum().item()
-        n += len(buf_lab)
-        buf_img.clear()
-        buf_lab.clear()
-
-    for i, (_, img, lab) in enumerate(iter_samples(val)):
-        if limit is not None and i >= limit:
-            break
-        buf_img.append(img)
-        buf_lab.append(lab)
-        if len(buf_img) == batch_size:
-            flush()
-    if buf_img:
-        flush()
+    with torch.inference_mode():
+        for batch in loader:
+            y = batch.labels.to(device)
+            logits = model(batch.images.to(device)).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[-1]), -1).indices
+            correct1 += (top[:, 0] == y).sum().item()
+            correct5 += (top == y[:, None]).any(-1).sum().item()
+            n += len(y)
     if n == 0:
-        raise RegistryError(f"no labelled samples in {val!r}")
+        raise RegistryError(f"no samples in {val!r}")
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss / n, "num_samples": n}
 
 
@@ -781,8 +760,9 @@ def _iter_tar(url: str):
         group: dict[str, dict[str, bytes]] = {}
         for m in tar:
             if m.isfile():
-                key, _, ext = os.path.basename(m.name).partition(".")
-                group.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
+                folder, _, filename = m.name.rpartition("/")
+                stem, _, ext = filename.partition(".")
+                group.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = tar.extractfile(m).read()
     for key, s in group.items():
         img = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
         if img is not None:
