@@ -16,8 +16,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.data import DataError, ShardOptions, write_demo_shards, write_shards  # noqa: E402
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pipeline.data import DataError, ShardOptions, write_demo_shards, write_shards  # after --help: torch is slow to import
+
     try:
         if args.source == "demo":
             summary = write_demo_shards(args.dest, num_train=args.num_train, num_val=args.num_val,

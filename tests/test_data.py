@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -196,19 +197,22 @@ def test_manifest_csv_multi_label_and_parquet(tmp_path, dest_root):
     assert index.num_samples == 5 and index.class_names == ("a", "b", "c")
 
 
-def test_cli_help_and_readable_errors(tmp_path):
+def test_cli_help_and_readable_errors(tmp_path, capsys):
     cli = [sys.executable, str(REPO / "jobs" / "make_shards.py")]
     assert "--val-fraction" in subprocess.run(cli + ["--help"], capture_output=True, text=True,
                                               check=True).stdout
+    out = subprocess.run(cli + [str(tmp_path / "nowhere"), str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "make_shards: error: source folder" in out.stderr and "does not exist" in out.stderr
+
+    make_shards = runpy.run_path(str(REPO / "jobs" / "make_shards.py"))   # in-process: no torch import
     (tmp_path / "bad.csv").write_text("filename,colour\na.png,red\n")
-    for source, message in ((tmp_path / "nowhere", "does not exist"),
-                            (tmp_path / "bad.csv", "needs an image column")):
-        out = subprocess.run(cli + [str(source), str(tmp_path / "out")], capture_output=True, text=True)
-        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run(cli + ["demo", str(tmp_path / "demo"), "--num-train", "30", "--num-val", "10",
-                                "--image-size", "16", "--no-progress", "--workers", "1"],
-                         capture_output=True, text=True, check=True)
-    assert "train: 30 samples in 1 shards" in out.stdout
+    assert make_shards["main"]([str(tmp_path / "bad.csv"), str(tmp_path / "out")]) == 2
+    assert "needs an image column" in capsys.readouterr().err
+    assert make_shards["main"](["demo", str(tmp_path / "demo"), "--num-train", "30", "--num-val", "10",
+                                "--image-size", "16", "--no-progress", "--workers", "1"]) == 0
+    assert "train: 30 samples in 1 shards" in capsys.readouterr().out
     assert ShardIndex.load(str(tmp_path / "demo" / "val")).num_samples == 10
 
 

@@ -27,8 +27,9 @@ batches an uninterrupted one would have (the batch order across workers may diff
 Bad data: a corrupt image, missing / out-of-range label, truncated tar or unopenable shard is
 skipped and counted (shard, key, reason); object-storage errors are retried with backoff first.
 When an epoch's skipped samples exceed ``max_skip_fraction`` of the rank's planned samples the
-loader raises ``DataError`` naming them. A shard read whole whose sha256 differs from the index is
-a ``DataError`` at once.
+loader raises ``DataError`` naming them. The reader that starts a shard hashes all of it (reading
+the tail raw when the shard is split between readers); a sha256 different from the index's is a
+``DataError`` at once. Not verified: shards whose head was consumed before a resume.
 """
 from __future__ import annotations
 
@@ -322,8 +323,9 @@ class _StreamReader:
     def _read_shard(self, seg: Segment, skip: set[int]) -> Iterator[tuple[int, _Raw | SkippedSample]]:
         info = self.index.shards[seg.shard]
         url = self.index.shard_url(seg.shard)
-        verify = (self.verify_checksums and info.sha256 is not None and not skip
-                  and seg.start == 0 and seg.stop == info.num_samples)
+        # The reader of a shard's head verifies it: when its segment ends early (the shard is
+        # split between readers) it reads the rest raw, without decoding, to hash the whole file.
+        verify = self.verify_checksums and info.sha256 is not None and not skip and seg.start == 0
         next_i = seg.start
         delays = self.retry.delays()
         while next_i < seg.stop:
@@ -332,7 +334,8 @@ class _StreamReader:
                 with open_file(url, "rb", self.storage_options) as f:
                     reader = _HashingReader(f)
                     with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                        for i, key, files in _tar_samples(tar, lambda i: i >= next_i and i not in skip):
+                        wanted = lambda i: next_i <= i < seg.stop and i not in skip  # noqa: E731
+                        for i, key, files in _tar_samples(tar, wanted):
                             if i < next_i:
                                 continue
                             if i >= seg.stop:
@@ -469,6 +472,10 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
         yield Batch(image_tensor, label_tensor, targets, keys, job.epoch, batch_index, stream,
                     skipped, reader.retries - retries_reported)
         retries_reported = reader.retries
+    if plan.num_samples is not None:
+        # Run a finite reader to its end: the last shard's checksum is verified there.
+        for position, _ in items:
+            raise RuntimeError(f"stream {stream} read position {position} that no batch asked for")
 
 
 class _EpochDataset(IterableDataset):
