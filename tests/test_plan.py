@@ -196,6 +196,18 @@ def test_cli_help_and_table():
     out = json.loads(r.stdout)
     assert out["fits"] and out["min_gpus"] >= 1
     assert out["total_flops"] == 6 * out["facts"]["macs_per_image"] * 1_281_167 * 300
+    # A recipe supplies the run's settings (through pipeline.config), flags override them.
+    c = subprocess.run([sys.executable, "jobs/plan.py", "--config", "configs/coatnet_0_imagenet1k.yaml",
+                        "--dataset", "imagenet-1k", "--num-gpus", "16", "--json"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert c.returncode == 0, c.stderr
+    from pipeline.config import load_config
+
+    recipe = load_config(str(ROOT / "configs" / "coatnet_0_imagenet1k.yaml"))
+    got = json.loads(c.stdout)["inputs"]
+    assert (got["variant"], got["img_size"], got["global_batch"], got["epochs"]) == (
+        recipe.model.variant, recipe.model.img_size, recipe.train.global_batch, recipe.train.epochs)
+    assert got["num_gpus"] == 16
     t = subprocess.run([sys.executable, "jobs/plan.py", "--variant", "coatnet_0", "--gpu", "H100-SXM"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert t.returncode == 0, t.stderr
