@@ -1,0 +1,306 @@
+"""One config system for every job: a typed pydantic v2 model loaded from YAML, with dotted CLI
+overrides (``train.lr=1e-3``), validated before any worker starts.
+
+    cfg = load_config("configs/demo.yaml", ["train.steps=50", "scaling.num_workers=2"])
+    cfg.train.global_batch == cfg.train.micro_batch * cfg.train.grad_accum * cfg.scaling.num_workers
+
+``ConfigError`` carries a readable message naming the offending field(s); jobs print it and exit 2.
+``resolved_dict(cfg)`` is the JSON-able resolved config (what goes into checkpoints and MLflow);
+``flat_params(cfg)`` flattens it for MLflow params with credential-like values scrubbed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the field(s) and is meant for the user as-is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    variant: str = "coatnet_pico"
+    img_size: int = Field(32, ge=32)                 # divisible by 32 (5 stride-2 stages)
+    num_classes: int | None = Field(None, ge=1)      # None: from the training shard index
+    drop_path_rate: float | None = Field(None, ge=0, lt=1)   # None: the variant's default
+    grad_checkpointing: bool = False                 # activation checkpointing
+    zero_init: bool = False                          # build under deepspeed.zero.Init (big variants)
+
+    @field_validator("img_size")
+    @classmethod
+    def _div32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be divisible by 32, got {v}")
+        return v
+
+
+class AugmentSection(_Section):
+    """Mirrors ``pipeline.data.AugmentConfig`` (label smoothing lives in ``train``)."""
+    randaug_n: int = Field(2, ge=0)
+    randaug_m: int = Field(15, ge=0, le=30)
+    mixup_alpha: float = Field(0.8, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = Field(0.5, ge=0, le=1)
+
+
+class DataConfig(_Section):
+    root: str = "data/demo"               # dataset root (local path or fsspec URL)
+    train_split: str = "train"
+    val_split: str | None = "val"         # None: no evaluation
+    write_demo: bool = False              # write demo shards at root when absent
+    demo_image_size: int = 64
+    demo_num_train: int = 2000
+    demo_num_val: int = 500
+    loader_workers: int = Field(1, ge=0)
+    seed: int = 0
+    samples_per_epoch: int | None = None  # None: finite epochs (every sample once)
+    augment: AugmentSection = AugmentSection()
+
+    @property
+    def train_url(self) -> str:
+        return f"{self.root.rstrip('/')}/{self.train_split}"
+
+    @property
+    def val_url(self) -> str | None:
+        return None if self.val_split is None else f"{self.root.rstrip('/')}/{self.val_split}"
+
+
+class TrainConfig(_Section):
+    global_batch: int = Field(64, ge=1)
+    micro_batch: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1)          # optimizer steps; exclusive with epochs
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)   # exclusive with warmup_epochs / warmup_frac
+    warmup_epochs: float | None = Field(None, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)   # None: no EMA
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    bf16: bool = True
+    eval_every: int = Field(0, ge=0)               # steps; 0: only at the end
+    checkpoint_every: int = Field(0, ge=0)         # steps; 0: only at the end
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=0)
+    # debugging / testing hooks (off by default)
+    debug_keys_dir: str | None = None     # each rank appends {"step", "keys"} per step to a file here
+    debug_pid_dir: str | None = None      # each rank writes its pid here
+    debug_step_sleep: float = Field(0.0, ge=0)   # seconds per step (make timing observable)
+    debug_dump_weights: str | None = None   # rank 0 saves gathered live weights here at the end
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.steps and train.epochs")
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError("set at most one of train.warmup_steps and train.warmup_epochs")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = {}
+    torch_threads: int | None = Field(None, ge=1)   # None: cpus_per_worker (CPU workers)
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[3] = 3
+    offload: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    extra: dict[str, Any] = {}          # merged last into the generated DeepSpeed config
+
+    @model_validator(mode="after")
+    def _nvme(self) -> DeepSpeedConfig:
+        if self.offload == "nvme" and not self.nvme_path:
+            raise ValueError("deepspeed.offload=nvme needs deepspeed.nvme_path")
+        return self
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "coatnet-pretrain"
+    run_name: str | None = None         # None: storage.name
+
+
+class StorageConfig(_Section):
+    storage_path: str = "runs"          # local folder or s3://bucket/prefix
+    name: str = "demo"                  # Ray run name; the same name + storage_path resumes
+
+
+class InitConfig(_Section):
+    """Start from existing weights (fine-tuning): an fp32 state dict file (``model.pt`` of a
+    pretraining run, local or fsspec URL). Relative-position tables are resized to
+    ``model.img_size``; a head whose shape differs is replaced (``reset_head``: always)."""
+    from_checkpoint: str | None = None
+    reset_head: bool = False
+    strict: bool = True                 # missing/unexpected body keys are an error
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig(steps=100)
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    init: InitConfig = InitConfig()
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _batch(self) -> Config:
+        t, w = self.train, self.scaling.num_workers
+        if t.micro_batch * t.grad_accum * w != t.global_batch:
+            raise ValueError(
+                f"train.micro_batch ({t.micro_batch}) x train.grad_accum ({t.grad_accum}) x "
+                f"scaling.num_workers ({w}) = {t.micro_batch * t.grad_accum * w} must equal "
+                f"train.global_batch ({t.global_batch})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# ---------------------------------------------------------------------------------------------
+
+def _parse_value(text: str) -> Any:
+    """A CLI value as YAML would read it (numbers, bools, null, lists), else the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (or none: the embedded defaults) + dotted overrides -> validated ``Config``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(apply_overrides(data, list(overrides or [])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolved forms
+# ---------------------------------------------------------------------------------------------
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|auth)", re.I)
+_URL_CREDS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+def scrub(value: Any, key: str = "") -> Any:
+    """Credential-like keys become '***'; user:pass@ in URLs is removed."""
+    if _SECRET_KEY.search(key):
+        return "***"
+    if isinstance(value, dict):
+        return {k: scrub(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, key) for v in value]
+    if isinstance(value, str):
+        return _URL_CREDS.sub(r"\g<scheme>***@", value)
+    return value
+
+
+def resolved_dict(cfg: Config) -> dict[str, Any]:
+    return scrub(cfg.model_dump(mode="json"))
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(node)[:500]
+    walk("", resolved_dict(cfg))
+    return out
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def tracking_uri(cfg: Config) -> str:
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Relative local paths -> absolute (Ray workers run in other working directories)."""
+    cfg = cfg.model_copy(deep=True)
+    if not is_url(cfg.data.root):
+        cfg.data.root = os.path.abspath(cfg.data.root)
+    if not is_url(cfg.storage.storage_path):
+        cfg.storage.storage_path = os.path.abspath(cfg.storage.storage_path)
+    cfg.tracking.tracking_uri = tracking_uri(cfg)
+    if cfg.tracking.run_name is None:
+        cfg.tracking.run_name = cfg.storage.name
+    for name in ("debug_keys_dir", "debug_pid_dir", "debug_dump_weights"):
+        v = getattr(cfg.train, name)
+        if v:
+            setattr(cfg.train, name, os.path.abspath(v))
+    return cfg
