@@ -52,7 +52,8 @@ from torchvision.io import ImageReadMode, decode_image
 from pipeline.data.index import ShardIndex
 from pipeline.data.storage import (DataError, RetryPolicy, is_retryable, open_file, redact_url,
                                    register_webdataset_handlers)
-from pipeline.data.transforms import AugmentConfig, batch_mixer, make_targets, sample_transform
+from pipeline.data.transforms import (AugmentConfig, batch_mixer, crop_transform, make_targets,
+                                       normalize)
 
 STATE_VERSION = 1
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -433,7 +434,8 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                            job.storage_options)
     items = iter(reader)
     read_ahead: dict[int, _Raw | SkippedSample] = {}
-    transform = sample_transform(job.augment, job.img_size, job.train)
+    transform = crop_transform(job.augment, job.img_size, job.train)
+    to_float = normalize(job.augment)
     mixer = batch_mixer(job.augment) if job.train else None
     smoothing = job.augment.label_smoothing if job.train else 0.0
     retries_reported = 0
@@ -464,8 +466,8 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                 label_tensor = torch.zeros(len(labels), index.num_classes)
                 for row, sample_labels in enumerate(labels):
                     label_tensor[row, sample_labels] = 1.0
-            image_tensor = (torch.stack(images) if images
-                            else torch.empty(0, 3, job.img_size, job.img_size))
+            image_tensor = to_float(torch.stack(images) if images
+                                    else torch.empty(0, 3, job.img_size, job.img_size, dtype=torch.uint8))
             targets = make_targets(label_tensor, index.num_classes, smoothing)
             if mixer is not None and len(keys) > 1:
                 image_tensor, targets = mixer(image_tensor, targets)
