@@ -180,7 +180,8 @@ def make_trainer(cfg: Config, plan: dict[str, Any]):
     )
 
 
-def run(cfg: Config, *, stage: str = "pretrain") -> RunSummary:
+def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | None = None) -> RunSummary:
+    """``extra_tags``: more MLflow run tags (lineage, mlflow.parentRunId), also set on a continued run."""
     cfg, plan = prepare(cfg)
     run_key = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}"
     tags = {"coatnet.stage": stage, "coatnet.variant": cfg.model.variant,
@@ -190,8 +191,11 @@ def run(cfg: Config, *, stage: str = "pretrain") -> RunSummary:
     if sha:
         tags["mlflow.source.git.commit"] = sha
     uri = cfg.tracking.tracking_uri
+    tags.update(extra_tags or {})
     run_id, resumed = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_key,
                                                  cfg.tracking.run_name, tags, flat_params(cfg))
+    for k, v in (extra_tags or {}).items() if resumed else ():
+        tracking.client(uri).set_tag(run_id, k, v)
     plan["mlflow_run_id"] = run_id
     print(f"MLflow run {run_id} ({'continued' if resumed else 'new'}) in {uri}", flush=True)
     tmp = init_ray(cfg)
