@@ -364,7 +364,7 @@ class CoAtNet(nn.Module):
 
         self.stem = Stem(in_chans, config.stem_width, config.bn_eps)
         total_blocks = sum(stage.depth for stage in config.stages)
-        rates = torch.linspace(0, rate, total_blocks).tolist() if total_blocks > 1 else [rate]
+        rates = torch.linspace(0, rate, total_blocks, device="cpu").tolist() if total_blocks > 1 else [rate]
         grid = (img_size[0] // 2, img_size[1] // 2)
         dim, first = config.stem_width, 0
         stages: list[nn.Module] = []
