@@ -213,6 +213,10 @@ def test_cli_help_and_readable_errors(tmp_path, capsys):
     assert make_shards["main"](["demo", str(tmp_path / "demo"), "--num-train", "30", "--num-val", "10",
                                 "--image-size", "16", "--no-progress", "--workers", "1"]) == 0
     assert "train: 30 samples in 1 shards" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("")
+    assert make_shards["main"](["demo", str(tmp_path / "a_file" / "ds"), "--num-train", "5",
+                                "--num-val", "0", "--no-progress", "--workers", "1"]) == 2
+    assert "shard-000000.tar failed" in capsys.readouterr().err
     assert ShardIndex.load(str(tmp_path / "demo" / "val")).num_samples == 10
 
 

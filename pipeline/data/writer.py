@@ -375,9 +375,18 @@ def _completed_record(task: _ShardTask) -> dict[str, Any] | None:
         fs, path = url_to_fs(task.tar_url, task.storage_options)
         if record.get("task") == task.fingerprint() and fs.size(path) == record["size_bytes"]:
             return record
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+    except (OSError, json.JSONDecodeError, KeyError):   # absent or unreadable: write it again
         pass
     return None
+
+
+def _shard_result(task: _ShardTask, result: Any) -> dict[str, Any]:
+    """``result()``, with a failure to write the shard turned into a readable DataError."""
+    try:
+        return result()
+    except Exception as exc:
+        raise DataError(f"writing {redact_url(task.tar_url)} failed: {type(exc).__name__}: {exc} "
+                        f"(a rerun resumes with the shards already complete)") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,11 +418,11 @@ def _write_split(items: Sequence[InputItem], split_url: str, split: str, class_n
                 futures = {pool.submit(_write_shard, task): task for task in todo}
                 for future in cf.as_completed(futures):
                     task = futures[future]
-                    records[task.shard] = future.result()
+                    records[task.shard] = _shard_result(task, future.result)
                     bar.update(len(task.items))
         else:
             for task in todo:
-                records[task.shard] = _write_shard(task)
+                records[task.shard] = _shard_result(task, lambda: _write_shard(task))
                 bar.update(len(task.items))
 
     shards = [ShardInfo(url=f"shard-{i:06d}.tar", num_samples=records[i]["num_samples"],
