@@ -338,6 +338,23 @@ def test_resume_mid_epoch_loses_and_repeats_nothing(uneven, num_workers, stop_af
     assert resumed.epoch == 1 and resumed.state_dict()["batches_consumed"] == 0
 
 
+def test_resume_does_not_reopen_consumed_shards(uneven, monkeypatch):
+    import pipeline.data.loader as loader_module
+
+    opened = []
+    real_open = loader_module.open_file
+    monkeypatch.setattr(loader_module, "open_file", lambda url, *a, **k: opened.append(url) or real_open(url, *a, **k))
+    make = lambda: StreamingLoader(uneven, batch_size=10, img_size=16, train=False, num_workers=0)
+    first = make()
+    head = [k for _, batch in zip(range(8), first) for k in batch.keys]    # 80 samples: shards 0-2 and 11 of shard 3
+    opened.clear()
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    tail = [k for batch in resumed for k in batch.keys]
+    assert head + tail == all_keys(uneven)
+    assert [Path(u).name for u in opened] == ["shard-000003.tar", "shard-000004.tar"]
+
+
 def test_resume_rejects_a_different_plan(uneven):
     loader = StreamingLoader(uneven, batch_size=4, img_size=16, num_workers=0)
     next(iter(loader))

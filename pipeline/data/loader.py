@@ -546,6 +546,7 @@ class StreamingLoader:
                                 drop_last=drop_last, samples_per_epoch=samples_per_epoch)
         _, self._rank_samples, sizes = rank_batch_sizes(self.index.num_samples, self.plan)
         self._num_batches = len(sizes)
+        register_webdataset_handlers()   # for webdataset users in this process; workers do it too
         self.stats = LoaderStats()
         self._epoch = 0
         self._consumed = [0] * self.plan.num_streams
