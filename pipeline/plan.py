@@ -3,8 +3,8 @@
 What it answers, for a variant, resolution, dataset size, epochs, global batch, GPU type and count:
 
 - compute: multiply-accumulates (MACs) per image from the model's OWN counter
-  (``models.count_flops`` at batch 1, on a real CPU model up to 400 M parameters and on a
-  ``meta``-device model above that, so even CoAtNet-7 costs no memory); FLOPs = 2 x MACs; one training step ~= 3 x the forward FLOPs (forward + backward for
+  (``models.count_flops`` at batch 1 on a model built on the ``meta`` device - equal to the count
+  on a real CPU model, as tested - so even CoAtNet-7 costs no memory); FLOPs = 2 x MACs; one training step ~= 3 x the forward FLOPs (forward + backward for
   activations and weights); total = 3 x 2 x MACs x images x epochs. Activation checkpointing
   recomputes the forward (4 x forward in hardware FLOPs) but MFU is quoted on the 3x model FLOPs.
 - time at a stated MFU (model FLOPs utilisation, default 40%) over the GPU's dense bf16 peak.
@@ -25,6 +25,7 @@ Everything is importable; ``jobs/plan.py`` is a thin CLI over ``plan()`` / ``for
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -111,12 +112,49 @@ class ZeroSettings:
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Move every parameter and buffer to the meta device as it is registered (the approach of
+    accelerate's ``init_empty_weights``): construction runs on CPU, so Python-side tensor use in a
+    model's __init__ works, but weights never materialise and their init runs on meta."""
+    reg_param, reg_buffer = torch.nn.Module.register_parameter, torch.nn.Module.register_buffer
+
+    def register_parameter(self, name, param):
+        reg_param(self, name, param)
+        if param is not None:
+            p = self._parameters[name]
+            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        reg_buffer(self, name, tensor, persistent)
+        if tensor is not None:
+            self._buffers[name] = self._buffers[name].to("meta")
+
+    torch.nn.Module.register_parameter = register_parameter
+    torch.nn.Module.register_buffer = register_buffer
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = reg_param
+        torch.nn.Module.register_buffer = reg_buffer
+
+
 def build_model(variant: str, img_size: int, device: str = "meta", **overrides) -> torch.nn.Module:
-    """The variant from ``models.create_model``, built on ``device`` (meta: shapes only, no memory)."""
+    """The variant from ``models.create_model`` on ``device``. meta: shapes only, no memory - built
+    under ``torch.device("meta")``, or, when the model's constructor needs real tensors, on CPU with
+    each parameter and buffer moved to meta as it is registered."""
     import models
 
-    with torch.device(device):
-        return models.create_model(variant, img_size=img_size, **overrides)
+    if device != "meta":
+        with torch.device(device):
+            return models.create_model(variant, img_size=img_size, **overrides)
+    try:
+        with torch.device("meta"):
+            model = models.create_model(variant, img_size=img_size, **overrides)
+    except (NotImplementedError, RuntimeError):
+        with _parameters_on_meta():
+            model = models.create_model(variant, img_size=img_size, **overrides)
+    return model.to("meta")  # buffers a constructor pinned to a device (e.g. an index on "cpu")
 
 
 @dataclass(frozen=True)
@@ -138,21 +176,19 @@ class ModelFacts:
         return 3 * self.forward_flops
 
 
-CPU_COUNT_MAX_PARAMS = 400_000_000  # above this, count on the meta device (C-5 and up)
-
-
 def count_macs(variant: str, img_size: int, device: str = "auto") -> int:
     """MACs per image (batch 1) from the model's own counter, ``models.count_flops``.
 
-    device="auto": on a real CPU model when it is small enough to build cheaply (the counter's
-    reference behaviour), else on a meta-device model (no memory, no compute) - the largest
-    variants (CoAtNet-5..7, up to 2.4 B parameters) would need ~10 GB of host RAM on CPU.
-    tests/test_plan.py checks that both devices give the same count."""
+    device="auto": on a meta-device model (no memory, no compute: CoAtNet-7's 2.4 B parameters
+    would need ~10 GB of host RAM on CPU), falling back to a real CPU model if the counter cannot
+    run on meta. tests/test_plan.py checks that both devices give the same count."""
     import models
 
     if device == "auto":
-        n = sum(p.numel() for p in build_model(variant, img_size, "meta").parameters())
-        device = "cpu" if n <= CPU_COUNT_MAX_PARAMS else "meta"
+        try:
+            return count_macs(variant, img_size, "meta")
+        except (RuntimeError, NotImplementedError, TypeError):
+            device = "cpu"
     model = build_model(variant, img_size, device)
     return int(models.count_flops(model, img_size=img_size, batch_size=1))
 
@@ -562,6 +598,8 @@ def paper_check() -> list[PaperCheck]:
 
 
 def _gib(x: float) -> str:
+    if 0 < x < GiB:
+        return f"{x / 2**20:,.1f} MiB"
     return f"{x / GiB:,.2f} GiB"
 
 

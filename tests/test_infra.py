@@ -384,15 +384,36 @@ def test_there_are_recipes():
     assert CONFIGS, "configs/ holds no recipes"
 
 
+def _stage_configs(workflow_path):
+    with open(workflow_path) as f:
+        raw = yaml.safe_load(f)
+    stages = [raw["pretrain"]] + list(raw.get("finetune") or [])
+    return [st["config"] for st in stages if isinstance(st, dict) and st.get("config")]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_each_recipe_validates(path):
+    """Stage recipes through the trainer's loader; workflow files through the workflow loader,
+    and every stage recipe a workflow names must exist and validate too."""
     from pipeline.config import load_config
 
-    cfg = load_config(str(path))
-    assert cfg is not None
+    if path.name.startswith("workflow_"):
+        from pipeline.workflow import load_workflow
+
+        wf, _base = load_workflow(str(path))
+        assert wf is not None
+        stages = _stage_configs(path)
+        assert stages, f"{path.name} names no stage config"
+        for stage in stages:
+            assert (ROOT / stage).is_file(), f"{path.name}: {stage} missing"
+            load_config(str(ROOT / stage))
+    else:
+        assert load_config(str(path)) is not None
 
 
-def test_rayjob_config_exists():
+def test_rayjob_runs_an_existing_workflow_config():
     (job,) = _docs("RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert (ROOT / argv[argv.index("--config") + 1]).is_file()
+    config = ROOT / argv[argv.index("--config") + 1]
+    assert config.is_file() and config.name.startswith("workflow_")
+    assert config in CONFIGS  # so test_each_recipe_validates covers it
