@@ -6,8 +6,8 @@ Layout of one checkpoint folder::
 
     train_state.json               {"step", "samples_seen", "loader", "config", "mlflow_run_id", ...}
     ds/                            engine.save_checkpoint(dir, tag="ds")
-      mp_rank_00_model_states.pt
-      zero_pp_rank_{r}_mp_rank_00_optim_states.pt    (one per rank: fp32 master + Adam moments)
+      zero_pp_rank_{r}_mp_rank_00_model_states.pt         (one per rank: module metadata, buffers)
+      bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt    (one per rank: fp32 master + Adam moments)
     ema/rank_{r}.pt                (only with train.ema_decay: the rank's fp32 EMA partition)
 
 ``consolidate(dir)`` turns the shards into one fp32 state dict (any single process, no process

@@ -165,6 +165,9 @@ def make_trainer(cfg: Config, plan: dict[str, Any]):
     s = cfg.scaling
     fs, path = storage_filesystem(cfg.storage.storage_path)
     env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+    # workers import this checkout's packages whatever their working directory
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH")) if x)
     env.setdefault("OMP_NUM_THREADS", str(s.torch_threads or max(1, int(s.cpus_per_worker))))
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     return TorchTrainer(
