@@ -102,10 +102,10 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for v in a.build:
             rs = measure(v, a.world, True)
-            print(f"| {v} | {rs[0]['params'] / 1e9:.3f} B | "
-                  f"{' / '.join(f'{r['param_partition_bytes'] / 1e9:.2f}' for r in rs)} | "
-                  f"{2 * rs[0]['params'] / a.world / 1e9:.2f} | "
-                  f"{' / '.join(f'{r['peak_rss_bytes'] / 1e9:.2f}' for r in rs)} |", flush=True)
+            part = " / ".join(f"{r['param_partition_bytes'] / 1e9:.2f}" for r in rs)
+            rss = " / ".join(f"{r['peak_rss_bytes'] / 1e9:.2f}" for r in rs)
+            print(f"| {v} | {rs[0]['params'] / 1e9:.3f} B | {part} | "
+                  f"{2 * rs[0]['params'] / a.world / 1e9:.2f} | {rss} |", flush=True)
 
 
 if __name__ == "__main__":
