@@ -183,6 +183,24 @@ def make_trainer(cfg: Config, plan: dict[str, Any]):
     )
 
 
+def latest_checkpoint(cfg: Config) -> str | None:
+    """The checkpoint Ray Train will resume this run name from (read from Ray's snapshot file), if any."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = storage_filesystem(cfg.storage.storage_path)
+        if fs is None:
+            fs, path = pafs.FileSystem.from_uri(cfg.storage.storage_path if is_url(cfg.storage.storage_path)
+                                                else os.path.abspath(cfg.storage.storage_path))
+        with fs.open_input_stream(f"{path.rstrip('/')}/{cfg.storage.name}/checkpoint_manager_snapshot.json") as f:
+            latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+        return latest.get("checkpoint_dir_name")
+    except Exception:   # noqa: BLE001 - no snapshot (new run) or an unknown format: nothing to say
+        return None
+
+
 def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | None = None) -> RunSummary:
     """``extra_tags``: more MLflow run tags (lineage, mlflow.parentRunId), also set on a continued run."""
     cfg, plan = prepare(cfg)
@@ -201,6 +219,9 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
         tracking.client(uri).set_tag(run_id, k, v)
     plan["mlflow_run_id"] = run_id
     print(f"MLflow run {run_id} ({'continued' if resumed else 'new'}) in {uri}", flush=True)
+    previous = latest_checkpoint(cfg)
+    if previous:
+        print(f"resuming {cfg.storage.name} from {previous} (same storage path and name)", flush=True)
     tmp = init_ray(cfg)
     try:
         result = make_trainer(cfg, plan).fit()
