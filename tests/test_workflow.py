@@ -1,0 +1,216 @@
+"""Fine-tuning surgery and the whole workflow on real Ray + DeepSpeed ZeRO-3 + MLflow (SQLite).
+
+- surgery (no Ray): bias tables resized bilinearly, head replaced when the class count changes,
+  incompatible sources refused with a clear error;
+- end to end: jobs/workflow.py (pretrain 32 px -> fine-tune 64 px -> evaluate -> register ->
+  promote) is killed during fine-tuning and run again: pretraining is not repeated, fine-tuning
+  resumes from its checkpoint, the chain completes with nested MLflow runs, a registered version
+  and the champion alias; fine-tuning beats the pretrained model evaluated at 64 px untuned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANT = "coatnet_pico"
+
+
+def _tables(sd):
+    return {k: v for k, v in sd.items() if k.endswith("relative_position_bias_table")}
+
+
+def test_finetune_surgery_resizes_tables_and_replaces_head(tmp_path):
+    import models
+
+    from pipeline.finetune import adapt, resolve_source
+    from pipeline.registry import RegistryError
+
+    torch.manual_seed(0)
+    pre = models.create_model(VARIANT, num_classes=10, img_size=32)
+    with torch.no_grad():                       # non-trivial tables, so interpolation shows
+        for k, v in _tables(pre.state_dict()).items():
+            v.copy_(torch.randn_like(v))
+    torch.save(pre.state_dict(), tmp_path / "model.pt")
+    src = resolve_source(str(tmp_path / "model.pt"))
+    assert src.kind == "weights"
+    src.variant = VARIANT
+
+    # 64 px, same classes: every table grows and equals bilinear interpolation; the head is kept
+    sd, dropped = adapt(src, VARIANT, 64, 10)
+    assert dropped == []
+    old = _tables(pre.state_dict())
+    assert old
+    new_model = models.create_model(VARIANT, num_classes=10, img_size=64)
+    for k, t in old.items():
+        target = new_model.state_dict()[k].shape
+        assert sd[k].shape == target and target != t.shape, (k, t.shape, target)
+        ref = F.interpolate(t[None].float(), size=tuple(target[-2:]), mode="bilinear", align_corners=False)[0]
+        assert torch.allclose(sd[k], ref, atol=1e-6), k
+    missing, unexpected = new_model.load_state_dict(sd, strict=False)
+    assert not unexpected and not [m for m in missing if m in pre.state_dict()]
+
+    # another label set: the classifier is re-initialised, the body is the pretrained one
+    sd5, dropped5 = adapt(src, VARIANT, 64, 5)
+    assert dropped5 and all(k.startswith("head.") for k in dropped5)
+    m5 = models.create_model(VARIANT, num_classes=5, img_size=64)
+    before = {k: v.clone() for k, v in m5.state_dict().items()}
+    missing, _ = m5.load_state_dict(sd5, strict=False)
+    assert sorted(missing) == sorted(dropped5)
+    assert m5.state_dict()["head.fc.weight"].shape[0] == 5
+    assert torch.equal(m5.state_dict()["head.fc.weight"], before["head.fc.weight"])   # fresh head
+    body = [k for k in sd5 if not k.startswith("head.") and k not in old]
+    assert all(torch.equal(m5.state_dict()[k], pre.state_dict()[k]) for k in body)
+
+    # incompatible: another variant named, or another variant's weights
+    with pytest.raises(RegistryError, match="incompatible checkpoint.*coatnet_pico.*coatnet_nano"):
+        adapt(src, "coatnet_nano", 64, 10)
+    nano = models.create_model("coatnet_nano", num_classes=10, img_size=32)
+    torch.save(nano.state_dict(), tmp_path / "nano.pt")
+    with pytest.raises(RegistryError, match="incompatible checkpoint"):
+        adapt(resolve_source(str(tmp_path / "nano.pt")), VARIANT, 64, 10)
+    with pytest.raises(RegistryError, match="no such run id"):
+        resolve_source(str(tmp_path / "nothing-here"))
+
+
+# ------------------------------------------------------------------------------------------------
+
+def _workflow_config(tmp: Path, uri: str) -> Path:
+    data = str(tmp / "data")
+    common = [f"data.root={data}", "data.demo_image_size=64", "data.demo_num_train=1500",
+              "data.demo_num_val=300", "data.write_demo=true"]
+    wf = {
+        "name": "t",
+        "tracking_uri": uri,
+        "experiment": "wf-test",
+        "storage_path": str(tmp / "runs"),
+        "pretrain": {"config": "configs/demo.yaml",
+                     "overrides": common + ["train.steps=120", "train.eval_every=0", "train.checkpoint_every=0"]},
+        "finetune": [{"config": "configs/finetune_demo.yaml",
+                      "overrides": common + ["train.steps=45", "train.checkpoint_every=15",
+                                             "train.lr=1e-3", "train.min_lr=1e-3"]}],
+        "evaluate": {"batch_size": 100},
+        "registry": {"name": "coatnet-wf"},
+    }
+    p = tmp / "wf.yaml"
+    p.write_text(yaml.safe_dump(wf))
+    return p
+
+
+def _start(cfg: Path, uri: str, cwd: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONUNBUFFERED="1",
+               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "workflow.py"), "--config", str(cfg),
+                             "--summary", str(cwd / "summary.json")],
+                            cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)   # its own process group: we kill only it
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_workflow_end_to_end_killed_and_resumed(tmp_path, mlflow_uri):
+    import mlflow
+
+    cfg = _workflow_config(tmp_path, mlflow_uri)
+    log1, log2 = tmp_path / "run1.log", tmp_path / "run2.log"
+
+    # run 1: kill the whole process tree once fine-tuning has written a checkpoint
+    proc = _start(cfg, mlflow_uri, tmp_path, log1)
+    try:
+        deadline = time.time() + 420
+        ck = []
+        while time.time() < deadline and proc.poll() is None:
+            ck = list((tmp_path / "runs").glob("t-finetune64-*/checkpoint_*/train_state.json"))
+            if ck:
+                break
+            time.sleep(1)
+        assert ck, f"no fine-tuning checkpoint (rc={proc.poll()}):\n" + log1.read_text()[-4000:]
+    finally:
+        _kill_group(proc)
+    assert "pretrain: Ray run" in log1.read_text()
+
+    # run 2: the same command completes; pretraining is not repeated, fine-tuning resumes
+    proc = _start(cfg, mlflow_uri, tmp_path, log2)
+    try:
+        rc = proc.wait(timeout=420)
+    finally:
+        _kill_group(proc)
+    out = log2.read_text()
+    assert rc == 0, out[-5000:]
+    assert "pretrain: completed earlier" in out and "pretrain: Ray run" not in out
+    assert "resumed from step" in out, out[-5000:]
+    resumed_at = int(out.split("resumed from step")[1].split()[0])
+    assert 15 <= resumed_at < 45
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    mlflow.set_tracking_uri(mlflow_uri)
+    c = mlflow.MlflowClient()
+    exp = c.get_experiment_by_name("wf-test")
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags.get("workflow.stage"), []).append(r)
+    parent = summary["parent_run_id"]
+    assert [r.info.run_id for r in runs if "workflow.key" in r.data.tags] == [parent]
+    for stage in ("pretrain", "finetune64", "evaluate", "register", "promote"):
+        assert len(by_stage.get(stage, [])) == 1, (stage, {k: len(v) for k, v in by_stage.items()})
+        r = by_stage[stage][0]
+        assert r.data.tags["mlflow.parentRunId"] == parent
+        assert r.data.tags["workflow.status"] == "completed"
+    pre, ft = by_stage["pretrain"][0], by_stage["finetune64"][0]
+    assert ft.data.tags["coatnet.parent_run"] == pre.info.run_id
+    assert ft.data.tags["coatnet.source"] == pre.info.run_id
+    assert ft.data.tags["coatnet.img_size"] == "64" and pre.data.tags["coatnet.img_size"] == "32"
+    assert c.get_run(parent).info.status == "FINISHED"
+
+    # registered and promoted
+    mv = c.get_model_version_by_alias("coatnet-wf", "champion")
+    assert str(mv.version) == "1" and mv.tags["promotion.decision"] == "initial"
+    assert mv.tags["coatnet.finetune_run"] == ft.info.run_id
+
+    # fine-tuning at 64 px beats the pretrained model resized to 64 px without fine-tuning
+    scores = summary["stages"]["evaluate"]["scores"]
+    tuned, untuned = scores["finetune64"]["top1"], scores["finetune64/pretrained_untuned"]["top1"]
+    print(f"val top1 @64px: pretrained untuned {untuned:.4f}, fine-tuned {tuned:.4f}; "
+          f"pretrain @32px {pre.data.metrics.get('eval/top1')}")
+    assert tuned > untuned + 0.05, scores
+
+    # the ZeRO-3 checkpoint of pretraining consolidates to the logged fp32 weights
+    from pipeline.finetune import resolve_source
+
+    from_folder = resolve_source(str(tmp_path / "runs" / Path(pre.data.tags["coatnet.storage"]).name))
+    from_run = resolve_source(pre.info.run_id)
+    assert from_folder.kind == "checkpoint" and from_folder.variant == VARIANT and from_folder.img_size == 32
+    assert from_folder.state_dict.keys() == from_run.state_dict.keys()
+    assert all(torch.equal(from_folder.state_dict[k], from_run.state_dict[k]) for k in from_run.state_dict)
+    champ = resolve_source("models:/coatnet-wf@champion")
+    assert champ.kind == "registry" and champ.img_size == 64 and champ.parent_run_id
+
+    # run 3: everything is done - all stages skipped, nothing changes
+    proc = _start(cfg, mlflow_uri, tmp_path, tmp_path / "run3.log")
+    try:
+        assert proc.wait(timeout=300) == 0, (tmp_path / "run3.log").read_text()[-3000:]
+    finally:
+        _kill_group(proc)
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert set(again["skipped"]) == {"pretrain", "finetune64", "evaluate", "register", "promote"}
+    assert len(c.search_runs([exp.experiment_id], max_results=100)) == len(runs)
+    assert len(c.search_model_versions("name='coatnet-wf'")) == 1
