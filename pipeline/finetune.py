@@ -273,9 +273,11 @@ def run_finetune(cfg, ref: str | SourceModel, *, extra_tags: dict[str, str] | No
     """Resolve ``ref``, check and stage the weights, create the tagged MLflow run, train with
     ``launch.run(stage="finetune")``. Returns (RunSummary, SourceModel)."""
     from pipeline import launch
+    from pipeline.config import tracking_uri
 
+    # the source first: a bad --from fails in seconds, before data or storage are touched
+    source = ref if isinstance(ref, SourceModel) else resolve_source(ref, tracking_uri=tracking_uri(cfg))
     rcfg, _ = launch.prepare(cfg)      # resolves paths, tracking URI, num_classes from the data
-    source = ref if isinstance(ref, SourceModel) else resolve_source(ref, tracking_uri=rcfg.tracking.tracking_uri)
     rcfg, dropped = stage_init(rcfg, source)
     if dropped:
         print(f"fine-tune: re-initialising {len(dropped)} head tensors ({source.num_classes} -> "

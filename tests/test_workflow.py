@@ -87,7 +87,7 @@ def test_finetune_surgery_resizes_tables_and_replaces_head(tmp_path):
 
 def _workflow_config(tmp: Path, uri: str) -> Path:
     data = str(tmp / "data")
-    common = [f"data.root={data}", "data.demo_image_size=64", "data.demo_num_train=1500",
+    common = [f"data.root={data}", "data.demo_image_size=64", "data.demo_num_train=1200",
               "data.demo_num_val=300", "data.write_demo=true"]
     wf = {
         "name": "t",
@@ -95,9 +95,9 @@ def _workflow_config(tmp: Path, uri: str) -> Path:
         "experiment": "wf-test",
         "storage_path": str(tmp / "runs"),
         "pretrain": {"config": "configs/demo.yaml",
-                     "overrides": common + ["train.steps=120", "train.eval_every=0", "train.checkpoint_every=0"]},
+                     "overrides": common + ["train.steps=100", "train.eval_every=0", "train.checkpoint_every=0"]},
         "finetune": [{"config": "configs/finetune_demo.yaml",
-                      "overrides": common + ["train.steps=45", "train.checkpoint_every=15",
+                      "overrides": common + ["train.steps=36", "train.checkpoint_every=12",
                                              "train.lr=1e-3", "train.min_lr=1e-3"]}],
         "evaluate": {"batch_size": 100},
         "registry": {"name": "coatnet-wf"},
@@ -158,7 +158,7 @@ def test_workflow_end_to_end_killed_and_resumed(tmp_path, mlflow_uri):
     assert "pretrain: completed earlier" in out and "pretrain: Ray run" not in out
     assert "resumed from step" in out, out[-5000:]
     resumed_at = int(out.split("resumed from step")[1].split()[0])
-    assert 15 <= resumed_at < 45
+    assert 12 <= resumed_at < 36
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     mlflow.set_tracking_uri(mlflow_uri)
