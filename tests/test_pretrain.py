@@ -96,7 +96,7 @@ def s3_run(s3_server, demo_root, tmp_path_factory):
     keys_dir, pid_dir, dump = str(tmp / "keys"), str(tmp / "pids"), str(tmp / "live.pt")
     cmd = job_cmd(*tiny_overrides(demo_root, f"s3://{bucket}/runs", "s3run", uri),
                   f"train.debug_keys_dir={keys_dir}", f"train.debug_pid_dir={pid_dir}",
-                  f"train.debug_dump_weights={dump}", "train.debug_step_sleep=1.5")
+                  f"train.debug_dump_weights={dump}", "train.debug_step_sleep=1.0")
     log = open(tmp / "job.log", "w")
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -231,7 +231,7 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     storage = str(tmp_path / "runs")
     keys_dir = str(tmp_path / "keys")
     cmd = job_cmd(*tiny_overrides(demo_root, storage, "stopme", uri, steps=6),
-                  f"train.debug_keys_dir={keys_dir}", "train.debug_step_sleep=1.5")
+                  f"train.debug_keys_dir={keys_dir}", "train.debug_step_sleep=0.5")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,

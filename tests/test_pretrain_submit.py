@@ -43,6 +43,7 @@ def ray_head():
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
+        import urllib.error
         import urllib.request
 
         t0 = time.time()
@@ -50,7 +51,9 @@ def ray_head():
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
                 break
-            except Exception:
+            except urllib.error.HTTPError:      # answering (401 without a token): up
+                break
+            except OSError:
                 if head.poll() is not None or time.time() - t0 > 180:
                     raise AssertionError("Ray head did not come up")
                 time.sleep(1)
