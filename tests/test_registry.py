@@ -186,6 +186,7 @@ def test_promotion(trained, untrained, shards, tracking, tmp_path):
 
     # the worse candidate is evaluated on the same data and rejected
     d = promote(NAME, "2", margin=0.01)
+    print(f"promotion: v2 (1 step) {d.candidate_score:.4f} vs champion v1 {d.champion_score:.4f} -> {d.action}")
     assert d.action == "rejected" and d.champion_after == "1"
     assert d.candidate_score < d.champion_score
     v2 = c.get_model_version(NAME, "2").tags
