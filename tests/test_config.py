@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ import pytest
 from pipeline.config import ConfigError, Config, flat_params, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+# every training recipe (workflow_*.yaml chain stages with their own schema, tested with the workflow)
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+                 if not os.path.basename(p).startswith("workflow_"))
 
 
 def test_all_recipes_load_and_validate():
@@ -24,8 +27,8 @@ def test_all_recipes_load_and_validate():
         cfg = load_config(path)
         t = cfg.train
         assert t.micro_batch * t.grad_accum * cfg.scaling.num_workers == t.global_batch, path
-        if path.endswith("demo.yaml"):
-            continue
+        if not re.fullmatch(r"coatnet_\d_\w+\.yaml", os.path.basename(path)):
+            continue                 # demo and the fine-tuning/workflow recipes: validated above
         assert t.global_batch == 4096 and t.clip_grad == 1.0 and cfg.model.img_size == 224, path
 
 
