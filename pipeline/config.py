@@ -191,22 +191,34 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides in place; a numeric part indexes a list
+    (``finetune.0.overrides=[...]`` in a workflow config)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {key}: {p} is not a section")
-            node = nxt
-        node[parts[-1]] = _parse_value(value)
+        node: Any = data
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {key}: {p} is not an index of a {len(node)}-item list")
+                if last:
+                    node[int(p)] = _parse_value(value)
+                else:
+                    node = node[int(p)]
+            elif isinstance(node, dict):
+                if last:
+                    node[p] = _parse_value(value)
+                else:
+                    node = node.setdefault(p, {})
+            else:
+                raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is not a section")
     return data
 
 
-def _format_errors(err: ValidationError) -> str:
+def format_errors(err: ValidationError, what: str = "config") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
@@ -214,14 +226,14 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         lines.append(f"  {loc}: {msg}")
-    return "invalid config:\n" + "\n".join(lines)
+    return f"invalid {what}:\n" + "\n".join(lines)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e)) from None
+        raise ConfigError(format_errors(e)) from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

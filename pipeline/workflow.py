@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict
+from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict, format_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARENT = "mlflow.parentRunId"
@@ -93,41 +93,11 @@ def load_workflow(path: str | None = None, overrides: list[str] | None = None) -
         p = _find_file(path, None)
         base = p.parent
         data = yaml.safe_load(p.read_text()) or {}
-    data = _apply_overrides(data, list(overrides or []))
+    data = apply_overrides(data, list(overrides or []))
     try:
         return WorkflowConfig.model_validate(data), base
     except ValidationError as e:
-        raise ConfigError("invalid workflow config:\n" + "\n".join(
-            f"  {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
-
-
-def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Dotted overrides as in pipeline.config, plus list indices (``finetune.0.overrides=[...]``)."""
-    from pipeline.config import _parse_value
-
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = data
-        for i, p in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not p.isdigit() or int(p) >= len(node):
-                    raise ConfigError(f"override {key}: {p} is not an index of a {len(node)}-item list")
-                if last:
-                    node[int(p)] = _parse_value(value)
-                else:
-                    node = node[int(p)]
-            elif isinstance(node, dict):
-                if last:
-                    node[p] = _parse_value(value)
-                else:
-                    node = node.setdefault(p, {})
-            else:
-                raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is not a section")
-    return data
+        raise ConfigError(format_errors(e, "workflow config")) from None
 
 
 def stage_config(spec: StageSpec, wf: WorkflowConfig, base: Path | None) -> tuple[Config, dict]:
