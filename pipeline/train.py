@@ -64,6 +64,19 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     return _merge(out, d.extra)
 
 
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``. With ZeRO-Offload the step runs on the host, where DeepSpeed
+    refuses torch's AdamW (too slow) and wants its vectorised DeepSpeedCPUAdam (a C++ op it
+    JIT-builds once); without offload torch's AdamW needs no build."""
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    if cfg.deepspeed.offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=tuple(t.betas), adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas))
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
@@ -203,7 +216,7 @@ def train_loop_per_worker(plan: dict[str, Any]) -> None:
     # -- model, optimizer, engine --------------------------------------------------------------
     ds_config = deepspeed_config(cfg)
     model = build_model(cfg, ds_config)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    optimizer = build_optimizer(cfg, model)
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     for b in model.buffers():          # DeepSpeed casts parameters; BatchNorm stats must follow
         if b.is_floating_point():
