@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 import tarfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from pipeline.data import (AugmentConfig, DataError, RetryPolicy, ShardIndex, ShardInfo,
@@ -144,12 +144,6 @@ def test_missing_or_malformed_index_is_a_readable_error(tmp_path):
         ShardIndex.load(str(tmp_path))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_s3_outage_is_retried_then_counted(monkeypatch):
     """The endpoint goes away mid-epoch and comes back on the same port: nothing is lost.
@@ -159,7 +153,7 @@ def test_s3_outage_is_retried_then_counted(monkeypatch):
     in-process server's listening socket, keep the port open while "down" and stop the restart."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",

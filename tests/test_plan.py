@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 
 import models
@@ -73,12 +73,6 @@ def test_activation_model_is_linear_in_batch():
     assert act.per_image > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _zero3_rank(rank: int, world: int, port: int, variant: str, img: int, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -124,7 +118,7 @@ def test_zero3_memory_model_matches_a_measured_two_rank_run():
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_zero3_rank, args=(r, 2, port, TINY, TINY_RES, queue))
              for r in range(2)]
     for p in procs:

@@ -97,13 +97,12 @@ def test_cpu_offload_engine_steps_with_deepspeed_cpu_adam(tmp_path):
     """ZeRO-Offload refuses torch's AdamW; the trainer must hand DeepSpeed its CPU Adam, and the
     offloaded engine must actually train (run in a subprocess: it owns a process group)."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from conftest import free_port
+
+    port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "offload.py"
     script.write_text(_OFFLOAD_SCRIPT)
