@@ -35,7 +35,7 @@ def worker(rank: int, world: int, port: int, variant: str, build_only: bool, out
 
     import models
     from pipeline.config import Config
-    from pipeline.train import deepspeed_config, param_groups
+    from pipeline.engine import deepspeed_config, param_groups
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = Config.model_validate({"model": {"variant": variant, "img_size": 224, "num_classes": 1000,

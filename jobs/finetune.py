@@ -30,20 +30,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     a = p.parse_args(argv)
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.registry import RegistryError
+    from pipeline.console import run_job, say
 
-    try:
-        cfg = load_config(a.config, a.overrides)
+    def body() -> int:
+        from pipeline.config import load_config
         from pipeline.finetune import run_finetune
 
+        cfg = load_config(a.config, a.overrides)
         summary, source = run_finetune(cfg, a.source)
-    except (ConfigError, RegistryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"\n== fine-tuning finished ==\nsource         {source.ref} ({source.kind}, {source.variant} @ "
-          f"{source.img_size}px, parent run {source.parent_run_id})\n" + summary.render(), flush=True)
-    return 0
+        say("\n== fine-tuning finished ==")
+        say(f"source         {source.ref} ({source.kind}, {source.variant} @ {source.img_size}px, "
+            f"parent run {source.parent_run_id})")
+        for line in summary.lines():
+            say(line)
+        return 0
+
+    return run_job("finetune", body)
 
 
 if __name__ == "__main__":

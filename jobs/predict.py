@@ -37,14 +37,15 @@ def main(argv=None) -> int:
 
     import mlflow
 
-    from pipeline.registry import RegistryError, predict
+    from pipeline.errors import PipelineError
+    from pipeline.predict import predict
 
     if a.tracking_uri:
         mlflow.set_tracking_uri(a.tracking_uri)
     try:
         rows = predict(a.model, a.inputs, top_k_=a.top_k, batch_size=a.batch_size, use_ray=a.use_ray,
                        ray_threshold=a.ray_threshold, concurrency=a.concurrency)
-    except RegistryError as e:
+    except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = sys.stdout if a.output == "-" else open(a.output, "w")

@@ -7,7 +7,8 @@
 
 Overrides are dotted ``section.key=value`` (YAML values). The same ``storage.storage_path`` +
 ``storage.name`` resumes from the latest checkpoint and continues the same MLflow run.
-All logic lives in ``pipeline`` (config, launch, train, checkpoint, tracking).
+All logic lives in ``pipeline`` (config, launch, engine, train, checkpoint, tracking). The
+terminal shows the job's own lines; Ray's and DeepSpeed's output goes to the log file it names.
 """
 from __future__ import annotations
 
@@ -29,21 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
 
-    from pipeline.config import ConfigError, load_config
+    from pipeline.console import run_job, say
 
-    try:
-        cfg = load_config(args.config, args.overrides)
+    def body() -> int:
         from pipeline import launch
+        from pipeline.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
         if args.check:
-            cfg, plan = launch.prepare(cfg)
-            print(f"config OK: {cfg.model.variant} @ {cfg.model.img_size}px, {plan['total_steps']} steps")
+            cfg, task = launch.prepare(cfg)
+            say(f"config OK: {cfg.model.variant} @ {cfg.model.img_size}px, {task.total_steps} steps")
             return 0
         summary = launch.run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n== pretraining finished ==\n" + summary.render(), flush=True)
-    return 0
+        say("\n== pretraining finished ==")
+        for line in summary.lines():
+            say(line)
+        return 0
+
+    return run_job("pretrain", body)
 
 
 if __name__ == "__main__":

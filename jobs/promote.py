@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--version", default=None, help="candidate version (default: the newest)")
     p.add_argument("--val", default=None, help="evaluation split (folder or URL holding index.json)")
     p.add_argument("--alias", default="champion")
-    p.add_argument("--metric", default="top1", choices=["top1", "top5"])
+    p.add_argument("--metric", default=None, choices=["top1", "top5", "precision_at_1", "recall_at_5", "mAP"],
+                   help="default: top1 for single-label data, precision_at_1 for multi-label")
     p.add_argument("--margin", type=float, default=0.0, help="required improvement of the metric")
     p.add_argument("--force", action="store_true", help="move the alias even when not better (recorded)")
     p.add_argument("--reason", default="", help="why --force was used (recorded in tags)")
@@ -34,14 +35,15 @@ def main(argv=None) -> int:
 
     import mlflow
 
-    from pipeline.registry import RegistryError, promote
+    from pipeline.errors import PipelineError
+    from pipeline.promote import promote
 
     if a.tracking_uri:
         mlflow.set_tracking_uri(a.tracking_uri)
     try:
         d = promote(a.name, a.version, val=a.val, alias=a.alias, margin=a.margin, metric=a.metric,
                     force=a.force, reason=a.reason, batch_size=a.batch_size)
-    except RegistryError as e:
+    except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(d.to_dict()))

@@ -28,26 +28,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
 
-    from pipeline.config import ConfigError
-    from pipeline.registry import RegistryError
-    from pipeline.workflow import load_workflow, run_workflow
+    from pipeline.console import run_job, say
 
-    try:
+    def body() -> int:
+        from pipeline.workflow import load_workflow, run_workflow
+
         wf, base = load_workflow(a.config, a.overrides)
         result = run_workflow(wf, base)
-    except (ConfigError, RegistryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(result, indent=1, default=str)
-    if a.summary:
-        with open(a.summary, "w") as f:
-            f.write(text)
-    pr = result["stages"].get("promote", {})
-    print(f"\n== workflow finished ==\nparent run     {result['parent_run_id']}\n"
-          f"skipped        {', '.join(result['skipped']) or 'none'}\n"
-          f"registered     {result['stages']['register']['name']} v{result['stages']['register']['version']}\n"
-          f"promotion      {pr.get('action', 'off')} (champion: v{pr.get('champion_after')})", flush=True)
-    return 0
+        if a.summary:
+            with open(a.summary, "w") as f:
+                json.dump(result.to_dict(), f, indent=1, default=str)
+        reg = result.outputs("register")
+        pr = result.outputs("promote") if "promote" in result.stages else {}
+        say(f"\n== workflow finished ==\nparent run     {result.parent_run_id}\n"
+            f"skipped        {', '.join(result.skipped) or 'none'}\n"
+            f"registered     {reg['name']} v{reg['version']}\n"
+            f"promotion      {pr.get('action', 'off')} (champion: v{pr.get('champion_after')})")
+        return 0
+
+    return run_job("workflow", body)
 
 
 if __name__ == "__main__":

@@ -1,54 +1,97 @@
-"""One checkpoint format: a DeepSpeed ZeRO-3 checkpoint (every rank's shards) plus a small JSON
-``train_state.json`` (step, loader position, resolved config, MLflow run id), inside a Ray Train
-checkpoint folder under ``RunConfig(storage_path, name)``.
+"""Everything about weights: the training checkpoint (save, resume), consolidation of ZeRO-3 shards
+to fp32, the fp32 state-dict form, and the one compatibility check of weights against a network.
 
-Layout of one checkpoint folder::
+Layout of one checkpoint folder (a Ray Train checkpoint under ``<storage_path>/<name>/``)::
 
-    train_state.json               {"step", "samples_seen", "loader", "config", "mlflow_run_id", ...}
+    train_state.json               TrainState: step, samples seen, loader cursor, resolved config...
     ds/                            engine.save_checkpoint(dir, tag="ds")
       zero_pp_rank_{r}_mp_rank_00_model_states.pt         (one per rank: module metadata, buffers)
       bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt    (one per rank: fp32 master + Adam moments)
     ema/rank_{r}.pt                (only with train.ema_decay: the rank's fp32 EMA partition)
 
 ``consolidate(dir)`` turns the shards into one fp32 state dict (any single process, no process
-group); ``save_weights``/``load_weights`` write and read it as a plain tensor dict that loads
-with ``torch.load(weights_only=True)`` into ``models.create_model``.
+group); ``save_weights``/``load_weights`` write and read it as a plain tensor dict that loads with
+``torch.load(weights_only=True)`` into ``models.create_model``.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
 
 import torch
+
+from pipeline.errors import PipelineError
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
 WEIGHTS_FILE = "model.pt"
 
 
-def save(engine, directory: str | None, *, rank: int, state: dict[str, Any],
-         ema: list[torch.Tensor] | None = None) -> str:
-    """Every rank calls this (collective). Returns the folder to hand to ``ray.train.report``."""
-    directory = directory or tempfile.mkdtemp(prefix="ckpt-")
+class IncompatibleWeights(PipelineError, ValueError):
+    """Weights that do not fit a network (another variant, resolution or label set)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The train state saved with every checkpoint
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """What a resumed worker needs besides the DeepSpeed shards. Written by rank 0 as JSON."""
+
+    FORMAT = 2      # 1: the first build's untyped dict (no format, no world_size)
+
+    step: int                          # optimizer steps done
+    samples_seen: int
+    total_steps: int
+    loader: dict[str, Any]             # StreamingLoader.state_dict(): the data cursor
+    config: dict[str, Any]             # resolved config, credentials scrubbed
+    label_type: str = "single"
+    skipped_samples: int = 0           # summed over ranks
+    mlflow_run_id: str | None = None
+    world_size: int | None = None      # workers that wrote it (None: unknown, format 1)
+    format: int = field(default=FORMAT)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        fmt = int(d.get("format", 1))
+        if fmt > cls.FORMAT:
+            raise PipelineError(f"{STATE_FILE} has format {fmt}, newer than this code ({cls.FORMAT})")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "format": cls.FORMAT})
+
+
+def read_state(directory: str) -> TrainState:
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        return TrainState.from_dict(json.load(f))
+
+
+# --------------------------------------------------------------------------------------------
+# Save and resume (inside the workers: every rank calls these)
+# --------------------------------------------------------------------------------------------
+
+def save(engine, *, rank: int, state: TrainState, ema: list[torch.Tensor] | None = None) -> str:
+    """Write this rank's part of a checkpoint into a new local folder and return it; the caller
+    hands it to ``ray.train.report`` and removes it once reported (Ray has copied it to storage)."""
+    directory = tempfile.mkdtemp(prefix="ckpt-")
     engine.save_checkpoint(directory, tag=DS_TAG)
     if ema is not None:
         os.makedirs(os.path.join(directory, "ema"), exist_ok=True)
         torch.save(ema, os.path.join(directory, "ema", f"rank_{rank}.pt"))
     if rank == 0:
         with open(os.path.join(directory, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=1)
+            f.write(state.to_json())
     return directory
 
 
-def read_state(directory: str) -> dict[str, Any]:
-    with open(os.path.join(directory, STATE_FILE)) as f:
-        return json.load(f)
-
-
-def load(engine, directory: str, *, rank: int) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
-    """Every rank calls this on a fresh engine (ZeRO-3). Returns (train_state, ema partition)."""
+def load(engine, directory: str, *, rank: int) -> tuple[TrainState, list[torch.Tensor] | None]:
+    """Every rank calls this on a fresh engine (ZeRO-3). Returns (train state, EMA partition)."""
     path, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
@@ -58,19 +101,33 @@ def load(engine, directory: str, *, rank: int) -> tuple[dict[str, Any], list[tor
     return read_state(directory), ema
 
 
+# --------------------------------------------------------------------------------------------
+# fp32 weights
+# --------------------------------------------------------------------------------------------
+
+def to_fp32(model_or_state_dict) -> dict[str, torch.Tensor]:
+    """The fp32, contiguous, CPU form of a module's or a state dict's tensors (integers kept)."""
+    sd = model_or_state_dict if isinstance(model_or_state_dict, dict) else model_or_state_dict.state_dict()
+    return {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in sd.items()}
+
+
 def consolidate(directory: str) -> dict[str, torch.Tensor]:
     """fp32 state dict of the whole model from a ZeRO checkpoint folder (no process group)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG)
-    return {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
-            for k, v in sd.items()}
+    return to_fp32(get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG))
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({k: v.contiguous() for k, v in state_dict.items()}, path)
-    return path
+def save_weights(state_dict: dict[str, torch.Tensor], url: str) -> str:
+    """Write an fp32 state dict to a local path or fsspec URL."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with fs.open(path, "wb") as f:
+        torch.save(to_fp32(state_dict), f)
+    return url
 
 
 def load_weights(url: str) -> dict[str, torch.Tensor]:
@@ -81,29 +138,34 @@ def load_weights(url: str) -> dict[str, torch.Tensor]:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def adapt_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, img_size,
-                     reset_head: bool = False, strict: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Fine-tuning surgery: resize relative-position tables to ``img_size`` (``models.resize_state_dict``),
-    drop tensors whose shape no longer fits (the classifier when the label set changed), and all
-    head tensors with ``reset_head``. Returns (state dict to load, dropped keys)."""
-    import models
+# --------------------------------------------------------------------------------------------
+# Weights against a network
+# --------------------------------------------------------------------------------------------
 
-    sd = models.resize_state_dict(sd, img_size)
+def check_compatible(state_dict: dict, model: torch.nn.Module, *, what: str = "checkpoint",
+                     ignore: Sequence[str] = ()) -> None:
+    """IncompatibleWeights naming the first mismatches when ``state_dict`` does not fit ``model``
+    (a meta-device model will do: only names and shapes are read). ``ignore``: keys, or key
+    prefixes, allowed to differ or be missing (the head when it is replaced)."""
     own = model.state_dict()
-    head = _head_keys(model)
-    dropped = [k for k, v in sd.items()
-               if k in own and (own[k].shape != v.shape or (reset_head and k in head))]
-    out = {k: v for k, v in sd.items() if k not in dropped}
-    if strict:
-        missing = [k for k in own if k not in out and k not in head]
-        unexpected = [k for k in out if k not in own]
-        if missing or unexpected:
-            raise ValueError(f"init checkpoint does not fit the model: missing {missing[:10]}, "
-                             f"unexpected {unexpected[:10]}")
-    return out, dropped
+    skip = lambda k: any(k == p or k.startswith(p if p.endswith(".") else p + ".") for p in ignore)  # noqa: E731
+    missing = [k for k in own if k not in state_dict and not skip(k)]
+    unexpected = [k for k in state_dict if k not in own and not skip(k)]
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and not skip(k) and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes (e.g. {'; '.join(shapes[:3])})")
+        raise IncompatibleWeights(f"incompatible {what}: {' / '.join(parts)} - is it another variant "
+                                  f"or resolution than {getattr(model, 'img_size', '')} {type(model).__name__}?")
 
 
-def _head_keys(model: torch.nn.Module) -> set[str]:
+def head_keys(model: torch.nn.Module) -> set[str]:
     """State-dict keys of the final classifier: the last Linear whose out_features is num_classes."""
     name = None
     for n, m in model.named_modules():
@@ -112,3 +174,52 @@ def _head_keys(model: torch.nn.Module) -> set[str]:
     if name is None:
         return set()
     return {k for k in model.state_dict() if k.startswith(name + ".")}
+
+
+def adapt_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, img_size,
+                     reset_head: bool = False, strict: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Fine-tuning surgery: resize relative-position tables to ``img_size`` (``models.resize_state_dict``),
+    drop the head when its shape no longer fits (another label set) or with ``reset_head``; with
+    ``strict`` every other tensor must fit (``check_compatible``). Returns (state dict, dropped keys)."""
+    import models
+
+    sd = models.resize_state_dict(sd, img_size)
+    own = model.state_dict()
+    head = head_keys(model)
+    dropped = [k for k, v in sd.items()
+               if k in head and k in own and (own[k].shape != v.shape or reset_head)]
+    out = {k: v for k, v in sd.items() if k not in dropped}
+    if strict:
+        check_compatible(out, model, what="init checkpoint (does not fit the model)", ignore=sorted(head))
+    else:
+        dropped += [k for k, v in out.items() if k in own and own[k].shape != v.shape]
+        out = {k: v for k, v in out.items() if k not in dropped}
+    return out, dropped
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints of a run
+# --------------------------------------------------------------------------------------------
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint a re-run of the Ray run at ``run_dir`` (local path or URL) resumes from:
+    the one Ray's snapshot file names, else the newest ``checkpoint_*`` folder holding a complete
+    train state. None when there is none."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    proto = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
+    try:
+        with fs.open(f"{path.rstrip('/')}/checkpoint_manager_snapshot.json", "rb") as f:
+            latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name")
+        if name:
+            return f"{run_dir.rstrip('/')}/{name}"
+    except (OSError, ValueError):
+        pass   # no snapshot (new run, or copied folders): look at the folders
+    try:
+        cks = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*")
+                     if fs.exists(f"{p}/{STATE_FILE}"))
+    except OSError:
+        return None
+    return (proto + cks[-1] if proto and not cks[-1].startswith(proto) else cks[-1]) if cks else None

@@ -18,8 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.data.transforms import AugmentConfig
+from pipeline.errors import PipelineError
 
-class ConfigError(ValueError):
+
+class ConfigError(PipelineError, ValueError):
     """An invalid config; the message names the field(s) and is meant for the user as-is."""
 
 
@@ -43,16 +46,6 @@ class ModelConfig(_Section):
         return v
 
 
-class AugmentSection(_Section):
-    """Mirrors ``pipeline.data.AugmentConfig`` (label smoothing lives in ``train``)."""
-    randaug_n: int = Field(2, ge=0)
-    randaug_m: int = Field(15, ge=0, le=30)
-    mixup_alpha: float = Field(0.8, ge=0)
-    cutmix_alpha: float = Field(0.0, ge=0)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = Field(0.5, ge=0, le=1)
-
-
 class DataConfig(_Section):
     root: str = "data/demo"               # dataset root (local path or fsspec URL)
     train_split: str = "train"
@@ -64,7 +57,7 @@ class DataConfig(_Section):
     loader_workers: int = Field(1, ge=0)
     seed: int = 0
     samples_per_epoch: int | None = None  # None: finite epochs (every sample once)
-    augment: AugmentSection = AugmentSection()
+    augment: AugmentConfig = AugmentConfig()   # pipeline.data's own dataclass, validated here
 
     @property
     def train_url(self) -> str:
@@ -73,6 +66,12 @@ class DataConfig(_Section):
     @property
     def val_url(self) -> str | None:
         return None if self.val_split is None else f"{self.root.rstrip('/')}/{self.val_split}"
+
+
+class CallbackSpec(_Section):
+    """``target``: "module:Class", constructed in every worker as ``Class(**kwargs)``."""
+    target: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    kwargs: dict[str, Any] = {}
 
 
 class TrainConfig(_Section):
@@ -91,18 +90,14 @@ class TrainConfig(_Section):
     clip_grad: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)   # None: no EMA
     loss: Literal["softmax", "sigmoid"] = "softmax"
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
     bf16: bool = True
     eval_every: int = Field(0, ge=0)               # steps; 0: only at the end
     checkpoint_every: int = Field(0, ge=0)         # steps; 0: only at the end
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
-    # debugging / testing hooks (off by default)
-    debug_keys_dir: str | None = None     # each rank appends {"step", "keys"} per step to a file here
-    debug_pid_dir: str | None = None      # each rank writes its pid here
-    debug_step_sleep: float = Field(0.0, ge=0)   # seconds per step (make timing observable)
-    debug_dump_weights: str | None = None   # rank 0 saves gathered live weights here at the end
+    # extra per-worker callbacks (profilers, test probes): see pipeline.train.Callback
+    callbacks: list[CallbackSpec] = []
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -127,7 +122,8 @@ class DeepSpeedConfig(_Section):
     zero_stage: Literal[3] = 3
     offload: Literal["none", "cpu", "nvme"] = "none"
     nvme_path: str | None = None
-    extra: dict[str, Any] = {}          # merged last into the generated DeepSpeed config
+    overlap_comm: bool | None = None    # None: the profile's setting on GPUs, off on CPU workers
+    extra: dict[str, Any] = {}          # merged last into the DeepSpeed config (pipeline.engine)
 
     @model_validator(mode="after")
     def _nvme(self) -> DeepSpeedConfig:
@@ -140,6 +136,8 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "coatnet-pretrain"
     run_name: str | None = None         # None: storage.name
+    system_metrics: bool = True         # MLflow's CPU/memory/GPU monitor on the rank-0 worker
+    system_metrics_interval_s: float = Field(10.0, gt=0)
 
 
 class StorageConfig(_Section):
@@ -223,7 +221,7 @@ def format_errors(err: ValidationError, what: str = "config") -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown field"
         lines.append(f"  {loc}: {msg}")
     return f"invalid {what}:\n" + "\n".join(lines)
@@ -290,7 +288,8 @@ def flat_params(cfg: Config) -> dict[str, str]:
     return out
 
 
-def is_url(path: str) -> bool:
+def is_remote(path: str) -> bool:
+    """Object storage or another remote filesystem (a scheme other than file://); else a local path."""
     return "://" in path and not path.startswith("file://")
 
 
@@ -304,15 +303,11 @@ def tracking_uri(cfg: Config) -> str:
 def resolve_paths(cfg: Config) -> Config:
     """Relative local paths -> absolute (Ray workers run in other working directories)."""
     cfg = cfg.model_copy(deep=True)
-    if not is_url(cfg.data.root):
+    if not is_remote(cfg.data.root):
         cfg.data.root = os.path.abspath(cfg.data.root)
-    if not is_url(cfg.storage.storage_path):
+    if not is_remote(cfg.storage.storage_path):
         cfg.storage.storage_path = os.path.abspath(cfg.storage.storage_path)
     cfg.tracking.tracking_uri = tracking_uri(cfg)
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = cfg.storage.name
-    for name in ("debug_keys_dir", "debug_pid_dir", "debug_dump_weights"):
-        v = getattr(cfg.train, name)
-        if v:
-            setattr(cfg.train, name, os.path.abspath(v))
     return cfg

@@ -14,7 +14,7 @@ What happens (the training itself is the pretraining machinery, ``pipeline.launc
 2. ``stage_init``: checked against the fine-tuning config on the driver BEFORE any worker starts
    (a meta-device model: no memory): same variant, every body tensor present with a fitting shape
    after the relative-position tables are resized (``models.resize_state_dict``, bilinear); a head
-   whose class count differs is re-initialised. Errors are ``RegistryError`` naming the tensors.
+   whose class count differs is re-initialised. Errors are ``FinetuneError`` naming the tensors.
    The weights are written next to the run (``<storage>/<name>/init/model.pt``, shared storage so
    every worker of a cluster can read them) and become ``init.from_checkpoint``.
 3. ``launch.run(stage="finetune", extra_tags=...)`` trains; its MLflow run carries the lineage
@@ -24,7 +24,6 @@ What happens (the training itself is the pretraining machinery, ``pipeline.launc
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -35,13 +34,21 @@ from typing import Any
 
 import torch
 
-from pipeline.registry import RegistryError
+from pipeline import checkpoint
+from pipeline.checkpoint import IncompatibleWeights
+from pipeline.errors import PipelineError
+
+
+class FinetuneError(PipelineError):
+    """A fine-tuning source that cannot be found, read or fitted to the configured model."""
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
 class SourceModel:
+    """A pretrained model resolved from a reference: fp32 weights plus what they are."""
+
     kind: str                          # run | registry | checkpoint | weights | mlflow-model
     ref: str                           # as the user gave it
     state_dict: dict[str, torch.Tensor] = field(repr=False)
@@ -60,13 +67,14 @@ class SourceModel:
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Resolving --from
+# 1. Resolving the source reference
 # --------------------------------------------------------------------------------------------
 
 def resolve_source(ref: str, *, tracking_uri: str | None = None) -> SourceModel:
     """An MLflow run id, ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, ``runs:/ID/...``, or a
     folder/URL (a Ray run folder, one checkpoint folder, a folder holding ``model.pt`` or an MLflow
-    model) or a ``.pt`` file -> SourceModel. RegistryError with a one-line reason otherwise."""
+    model) or a ``.pt`` file -> SourceModel. FinetuneError (or RegistryError for a bad model URI)
+    with a one-line reason otherwise."""
     import mlflow
 
     if tracking_uri:
@@ -81,10 +89,10 @@ def resolve_source(ref: str, *, tracking_uri: str | None = None) -> SourceModel:
 
 
 def _from_registry(uri: str) -> SourceModel:
-    from pipeline.registry import fp32_state_dict, load_model
+    from pipeline.registry import load_model
 
     model, meta = load_model(uri)
-    return SourceModel("registry", uri, fp32_state_dict(model), meta["variant"], int(meta["img_size"][0]),
+    return SourceModel("registry", uri, checkpoint.to_fp32(model), meta["variant"], int(meta["img_size"][0]),
                        int(meta["num_classes"]), list(meta["class_names"]), meta.get("run_id"),
                        f"{meta.get('name')}/{meta.get('version')}" if meta.get("version") else None)
 
@@ -109,7 +117,7 @@ def _from_run(run_id: str) -> SourceModel:
             ck = tags.get("coatnet.checkpoint")
             if not ck:
                 status = run.info.status
-                raise RegistryError(f"MLflow run {run_id} has no weights/model.pt artifact and no "
+                raise FinetuneError(f"MLflow run {run_id} has no weights/model.pt artifact and no "
                                     f"coatnet.checkpoint tag (status {status}: did it finish?)") from None
             src = _from_path(ck)
             sd = src.state_dict
@@ -119,14 +127,12 @@ def _from_run(run_id: str) -> SourceModel:
 
 
 def _load_pt(path: str) -> dict[str, torch.Tensor]:
-    from pipeline import checkpoint as ckpt
-
     try:
-        sd = ckpt.load_weights(path)
+        sd = checkpoint.load_weights(path)
     except Exception as e:  # noqa: BLE001 - unpickling refused, truncated file...
-        raise RegistryError(f"{path} is not a plain fp32 state dict: {type(e).__name__}: {e}") from None
+        raise FinetuneError(f"{path} is not a plain fp32 state dict: {type(e).__name__}: {e}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise RegistryError(f"{path} is not a state dict of tensors")
+        raise FinetuneError(f"{path} is not a state dict of tensors")
     return sd
 
 
@@ -138,29 +144,27 @@ def _from_path(ref: str) -> SourceModel:
     """A local or fsspec path: .pt file, MLflow model folder, checkpoint folder or Ray run folder."""
     import fsspec
 
-    from pipeline import checkpoint as ckpt
-
     fs, path = fsspec.core.url_to_fs(ref)
     proto = ref.split("://", 1)[0] + "://" if "://" in ref else ""
     full = lambda p: proto + p if proto and not p.startswith(proto) else p  # noqa: E731
     if not fs.exists(path):
-        raise RegistryError(f"--from {ref!r}: no such run id, model URI, folder or file")
+        raise FinetuneError(f"source {ref!r}: no such run id, model URI, folder or file")
     if fs.isfile(path):
         return SourceModel("weights", ref, _load_pt(ref), None, None, None)
     if fs.exists(f"{path}/MLmodel"):
-        from pipeline.registry import fp32_state_dict, load_model
+        from pipeline.registry import load_model
 
         model, meta = load_model(ref)
-        return SourceModel("mlflow-model", ref, fp32_state_dict(model), meta["variant"], int(meta["img_size"][0]),
+        return SourceModel("mlflow-model", ref, checkpoint.to_fp32(model), meta["variant"], int(meta["img_size"][0]),
                            int(meta["num_classes"]), list(meta["class_names"]))
     ck_dir = path
-    if not fs.exists(f"{path}/{ckpt.STATE_FILE}"):
+    if not fs.exists(f"{path}/{checkpoint.STATE_FILE}"):
         cks = _checkpoint_dirs(fs, path)
         if not cks:
-            if fs.exists(f"{path}/{ckpt.WEIGHTS_FILE}"):
-                return SourceModel("weights", ref, _load_pt(full(f"{path}/{ckpt.WEIGHTS_FILE}")), None, None, None)
-            raise RegistryError(f"--from {ref!r}: no checkpoint in this folder (expected {ckpt.STATE_FILE} "
-                                f"and ds/, checkpoint_* folders, {ckpt.WEIGHTS_FILE} or an MLflow model)")
+            if fs.exists(f"{path}/{checkpoint.WEIGHTS_FILE}"):
+                return SourceModel("weights", ref, _load_pt(full(f"{path}/{checkpoint.WEIGHTS_FILE}")), None, None, None)
+            raise FinetuneError(f"source {ref!r}: no checkpoint in this folder (expected {checkpoint.STATE_FILE} "
+                                f"and ds/, checkpoint_* folders, {checkpoint.WEIGHTS_FILE} or an MLflow model)")
         ck_dir = cks[-1]
     # one checkpoint folder: ZeRO-3 shards -> fp32, on this process (no process group)
     tmp = None
@@ -172,81 +176,54 @@ def _from_path(ref: str) -> SourceModel:
         else:
             local = ck_dir
         try:
-            state = ckpt.read_state(local)
+            state = checkpoint.read_state(local)
         except (OSError, json.JSONDecodeError) as e:
-            raise RegistryError(f"--from {ref!r}: unreadable {ckpt.STATE_FILE}: {e}") from None
+            raise FinetuneError(f"source {ref!r}: unreadable {checkpoint.STATE_FILE}: {e}") from None
         try:
-            sd = ckpt.consolidate(local)
+            sd = checkpoint.consolidate(local)
         except Exception as e:  # noqa: BLE001 - DeepSpeed raises assorted errors on partial folders
-            raise RegistryError(f"--from {ref!r}: cannot consolidate the ZeRO checkpoint in {full(ck_dir)}: "
+            raise FinetuneError(f"source {ref!r}: cannot consolidate the ZeRO checkpoint in {full(ck_dir)}: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    m = state.get("config", {}).get("model", {})
+    m = state.config.get("model", {})
     return SourceModel("checkpoint", ref, sd, m.get("variant"), m.get("img_size"), m.get("num_classes"),
-                       None, state.get("mlflow_run_id"), None, full(ck_dir))
+                       None, state.mlflow_run_id, None, full(ck_dir))
 
 
 # --------------------------------------------------------------------------------------------
 # 2. Checking and staging the initial weights
 # --------------------------------------------------------------------------------------------
 
-def meta_model(variant: str, num_classes: int, img_size: int):
-    """The network's shapes, without memory (meta device) where the model code allows it."""
-    import models
-
-    try:
-        with torch.device("meta"):
-            return models.create_model(variant, num_classes=num_classes, img_size=img_size)
-    except (NotImplementedError, RuntimeError):   # model init reads tensor values: build it for real
-        return models.create_model(variant, num_classes=num_classes, img_size=img_size)
-
-
 def adapt(source: SourceModel, variant: str, img_size: int, num_classes: int, *, reset_head: bool = False,
           strict: bool = True, model=None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Source weights -> (state dict for the new network, re-initialised keys). Bias tables are
-    resized (bilinear), a head of another class count is dropped; anything else that does not fit
-    is a RegistryError naming it."""
-    from pipeline import checkpoint as ckpt
+    """Source weights -> (state dict for the new network, re-initialised head keys): bias tables
+    resized (bilinear), a head of another class count dropped; anything else that does not fit is
+    a FinetuneError naming it. ``model``: the target network (default: built on the meta device)."""
+    from pipeline.capacity import build_model
 
     if source.variant and source.variant != variant:
-        raise RegistryError(f"incompatible checkpoint: {source.ref} is a {source.variant}, the config builds "
+        raise FinetuneError(f"incompatible checkpoint: {source.ref} is a {source.variant}, the config builds "
                             f"a {variant} (set model.variant={source.variant})")
-    model = model if model is not None else meta_model(variant, num_classes, img_size)
+    model = model if model is not None else build_model(variant, img_size, num_classes=num_classes)
     try:
-        sd, dropped = ckpt.adapt_state_dict(model, dict(source.state_dict), img_size=img_size,
-                                            reset_head=reset_head, strict=strict)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise RegistryError(f"incompatible checkpoint {source.ref} for {variant} @ {img_size}px: "
+        return checkpoint.adapt_state_dict(model, dict(source.state_dict), img_size=img_size,
+                                           reset_head=reset_head, strict=strict)
+    except (IncompatibleWeights, ValueError, KeyError, RuntimeError) as e:
+        raise FinetuneError(f"incompatible checkpoint {source.ref} for {variant} @ {img_size}px: "
                             f"{str(e).splitlines()[0][:500]}") from None
-    own = model.state_dict()
-    head = ckpt._head_keys(model)
-    body_dropped = [k for k in dropped if k not in head]
-    if body_dropped:
-        shapes = "; ".join(f"{k}: {tuple(source.state_dict[k].shape)} vs {tuple(own[k].shape)}"
-                           for k in body_dropped[:3])
-        raise RegistryError(f"incompatible checkpoint {source.ref} for {variant} @ {img_size}px: "
-                            f"{len(body_dropped)} body tensors do not fit ({shapes})")
-    return sd, dropped
 
 
 def stage_init(cfg, source: SourceModel):
     """Check the source against ``cfg`` (resolved: num_classes known) and write the initial weights
     to ``<storage>/<name>/init/model.pt``; returns the config with ``init.from_checkpoint`` set."""
-    import fsspec
-
-    from pipeline import checkpoint as ckpt
-
     m = cfg.model
     sd, dropped = adapt(source, m.variant, m.img_size, m.num_classes, reset_head=cfg.init.reset_head,
                         strict=cfg.init.strict)
     del sd   # checked only; the workers do the same surgery from the original weights
-    url = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}/init/{ckpt.WEIGHTS_FILE}"
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        torch.save({k: v.contiguous() for k, v in source.state_dict.items()}, f)
+    url = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}/init/{checkpoint.WEIGHTS_FILE}"
+    checkpoint.save_weights(source.state_dict, url)
     cfg = cfg.model_copy(deep=True)
     cfg.init.from_checkpoint = url
     return cfg, dropped
@@ -274,21 +251,16 @@ def run_finetune(cfg, ref: str | SourceModel, *, extra_tags: dict[str, str] | No
     ``launch.run(stage="finetune")``. Returns (RunSummary, SourceModel)."""
     from pipeline import launch
     from pipeline.config import tracking_uri
+    from pipeline.console import say
 
-    # the source first: a bad --from fails in seconds, before data or storage are touched
+    # the source first: a bad reference fails in seconds, before data or storage are touched
     source = ref if isinstance(ref, SourceModel) else resolve_source(ref, tracking_uri=tracking_uri(cfg))
     rcfg, _ = launch.prepare(cfg)      # resolves paths, tracking URI, num_classes from the data
     rcfg, dropped = stage_init(rcfg, source)
     if dropped:
-        print(f"fine-tune: re-initialising {len(dropped)} head tensors ({source.num_classes} -> "
-              f"{rcfg.model.num_classes} classes)", flush=True)
+        say(f"fine-tune: re-initialising {len(dropped)} head tensors ({source.num_classes} -> "
+            f"{rcfg.model.num_classes} classes)")
     # lineage on the stage's MLflow run (launch.run creates or continues it by its run key)
     tags = {"coatnet.source_weights": rcfg.init.from_checkpoint, **lineage_tags(source), **(extra_tags or {})}
     summary = launch.run(rcfg, stage="finetune", extra_tags=tags)
     return summary, source
-
-
-def latest_checkpoint(storage_path: str, name: str) -> str | None:
-    """The newest checkpoint_* folder of a local Ray run (None when there is none)."""
-    cks = sorted(glob.glob(os.path.join(storage_path, name, "checkpoint_*")))
-    return cks[-1] if cks else None

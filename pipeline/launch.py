@@ -1,12 +1,13 @@
-"""Ray side of a training stage: preflight checks, Ray init/attach, TorchTrainer with
+"""Ray side of a training stage: preflight checks, Ray start/attach, TorchTrainer with
 ScalingConfig/RunConfig/FailureConfig/CheckpointConfig, ``fit``, then consolidation and MLflow.
 
     cfg = load_config(path, overrides)
     summary = run(cfg)            # -> RunSummary (checkpoint path, weights, MLflow run id, metrics)
 
-Ray: with ``RAY_ADDRESS`` set (``ray job submit``) the driver attaches to that cluster; otherwise
-it starts a private local instance (``address="local"``, own temp dir) - a plain ``ray.init()``
-would attach to any cluster recorded under /tmp/ray on a shared host.
+Ray (``ray_session``, the one way every job starts and stops it): with ``RAY_ADDRESS`` set
+(``ray job submit``) the driver attaches to that cluster; otherwise it starts a private local
+instance (``address="local"``, own temp dir) - a plain ``ray.init()`` would attach to any cluster
+recorded under /tmp/ray on a shared host.
 A fine-tuning stage calls ``run(cfg, stage="finetune")`` with its own ``storage.name``.
 """
 from __future__ import annotations
@@ -16,12 +17,15 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
-from pipeline import checkpoint as ckpt
+from pipeline import checkpoint
 from pipeline import tracking
-from pipeline.config import Config, ConfigError, flat_params, is_url, resolve_paths, resolved_dict
+from pipeline.config import Config, ConfigError, flat_params, is_remote, resolve_paths, resolved_dict
+from pipeline.console import ProgressChannel, say
+from pipeline.train import TrainTask
 
 # environment a worker needs from the driver (values are never logged)
 _PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -42,7 +46,7 @@ class RunSummary:
     metrics: dict[str, Any] = field(default_factory=dict)
     resumed: bool = False
 
-    def render(self) -> str:
+    def lines(self) -> list[str]:
         lines = [f"run            {self.name}  ({'resumed' if self.resumed else 'new'})",
                  f"steps          {self.steps}"]
         lines += [f"{k:<14} {v:.4f}" for k, v in self.metrics.items()
@@ -51,7 +55,7 @@ class RunSummary:
                   f"fp32 weights   {self.weights}",
                   f"MLflow run     {self.mlflow_run_id}  (experiment '{self.experiment}', {self.tracking_uri})",
                   f"MLflow UI      {tracking.ui_hint(self.tracking_uri)}"]
-        return "\n".join(lines)
+        return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ def check_storage(path: str) -> None:
     try:
         fs, p = storage_filesystem(path)
         if fs is None:
-            fs, p = pafs.FileSystem.from_uri(path if is_url(path) else os.path.abspath(path))
+            fs, p = pafs.FileSystem.from_uri(path if is_remote(path) else os.path.abspath(path))
         fs.create_dir(p, recursive=True)
         probe = f"{p.rstrip('/')}/.probe-{uuid.uuid4().hex[:8]}"
         with fs.open_output_stream(probe) as f:
@@ -91,9 +95,9 @@ def check_storage(path: str) -> None:
                           f"{str(e).splitlines()[0][:300]}") from None
 
 
-def prepare(cfg: Config) -> tuple[Config, dict[str, Any]]:
+def prepare(cfg: Config) -> tuple[Config, TrainTask]:
     """Validate against the world (variant, data, storage), resolve derived numbers.
-    Returns (resolved config, plan for the workers without the MLflow run id)."""
+    Returns (resolved config, the workers' task without the MLflow run id)."""
     import models
 
     from pipeline.data import DataError, ShardIndex, write_demo_shards
@@ -130,33 +134,46 @@ def prepare(cfg: Config) -> tuple[Config, dict[str, Any]]:
         warmup = int(t.warmup_epochs * per_epoch)
     else:
         warmup = 0
-    plan = {"config": cfg.model_dump(mode="json"), "total_steps": total,
-            "warmup_steps": min(warmup, total), "train_samples": index.num_samples,
-            "label_type": index.label_type}
-    return cfg, plan
+    task = TrainTask(config=cfg.model_dump(mode="json"), total_steps=total, warmup_steps=min(warmup, total),
+                     train_samples=index.num_samples, label_type=index.label_type)
+    return cfg, task
 
 
 # ---------------------------------------------------------------------------------------------
 # Ray
 # ---------------------------------------------------------------------------------------------
 
-def init_ray(cfg: Config) -> str | None:
-    """Attach (RAY_ADDRESS set) or start a private local Ray. Returns the temp dir to remove."""
+@contextmanager
+def ray_session(num_cpus: float | None = None) -> Iterator[None]:
+    """Ray for the duration: nothing to do when this process already has it; attach to the cluster
+    when RAY_ADDRESS is set (``ray job submit``, token auth from the environment); otherwise a
+    private local instance with its own temp dir, shut down and removed on exit. Worker output is
+    forwarded to this process's stdout, which a job's console sends to its log file."""
     import ray
 
     if ray.is_initialized():
-        return None
+        yield
+        return
+    tmp = None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return None
-    tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")   # short: unix socket paths < 107 chars
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    ray.init(address="local", num_cpus=max(int(math.ceil(need)), os.cpu_count() or 1),
-             _temp_dir=tmp, include_dashboard=False, log_to_driver=True, configure_logging=False)
-    return tmp
+        ray.init(log_to_driver=True, configure_logging=False)
+    else:
+        tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")   # short: unix socket paths < 107 chars
+        ray.init(address="local", num_cpus=max(int(math.ceil(num_cpus or 0)), os.cpu_count() or 1),
+                 _temp_dir=tmp, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def make_trainer(cfg: Config, plan: dict[str, Any]):
+def ray_cpus(cfg: Config) -> float:
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+
+
+def make_trainer(cfg: Config, task: TrainTask):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -172,7 +189,7 @@ def make_trainer(cfg: Config, plan: dict[str, Any]):
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=plan,
+        train_loop_config=task,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -183,31 +200,13 @@ def make_trainer(cfg: Config, plan: dict[str, Any]):
     )
 
 
-def latest_checkpoint(cfg: Config) -> str | None:
-    """The checkpoint Ray Train will resume this run name from (read from Ray's snapshot file), if any."""
-    import json
-
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = storage_filesystem(cfg.storage.storage_path)
-        if fs is None:
-            fs, path = pafs.FileSystem.from_uri(cfg.storage.storage_path if is_url(cfg.storage.storage_path)
-                                                else os.path.abspath(cfg.storage.storage_path))
-        with fs.open_input_stream(f"{path.rstrip('/')}/{cfg.storage.name}/checkpoint_manager_snapshot.json") as f:
-            latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
-        return latest.get("checkpoint_dir_name")
-    except Exception:   # noqa: BLE001 - no snapshot (new run) or an unknown format: nothing to say
-        return None
-
-
 def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | None = None) -> RunSummary:
     """``extra_tags``: more MLflow run tags (lineage, mlflow.parentRunId), also set on a continued run."""
-    cfg, plan = prepare(cfg)
+    cfg, task = prepare(cfg)
     run_key = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}"
     tags = {"coatnet.stage": stage, "coatnet.variant": cfg.model.variant,
             "coatnet.img_size": str(cfg.model.img_size), "coatnet.num_classes": str(cfg.model.num_classes),
-            "coatnet.label_type": plan["label_type"], "coatnet.storage": run_key}
+            "coatnet.label_type": task.label_type, "coatnet.storage": run_key}
     sha = tracking.git_sha()
     if sha:
         tags["mlflow.source.git.commit"] = sha
@@ -217,47 +216,46 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
                                                  cfg.tracking.run_name, tags, flat_params(cfg))
     for k, v in (extra_tags or {}).items() if resumed else ():
         tracking.client(uri).set_tag(run_id, k, v)
-    plan["mlflow_run_id"] = run_id
-    print(f"MLflow run {run_id} ({'continued' if resumed else 'new'}) in {uri}", flush=True)
-    previous = latest_checkpoint(cfg)
+    task.mlflow_run_id = run_id
+    say(f"MLflow run     {run_id} ({'continued' if resumed else 'new'}) in {uri}")
+    previous = checkpoint.latest_checkpoint(run_key)
     if previous:
-        print(f"resuming {cfg.storage.name} from {previous} (same storage path and name)", flush=True)
-    tmp = init_ray(cfg)
-    try:
-        result = make_trainer(cfg, plan).fit()
-    except Exception:
-        tracking.client(uri).set_terminated(run_id, status="FAILED")
-        raise
-    finally:
-        if tmp:
-            import ray
-
-            ray.shutdown()
-            shutil.rmtree(tmp, ignore_errors=True)
+        say(f"resuming {cfg.storage.name} from {previous.rstrip('/').rsplit('/', 1)[-1]} "
+            "(same storage path and name)")
+    say(f"training       {cfg.model.variant} @ {cfg.model.img_size}px, {task.total_steps} steps of "
+        f"{cfg.train.global_batch} on {cfg.scaling.num_workers} workers")
+    with ray_session(ray_cpus(cfg)):
+        progress = ProgressChannel()
+        task.progress = progress
+        progress.start()
+        try:
+            result = make_trainer(cfg, task).fit()
+        except Exception:
+            tracking.client(uri).set_terminated(run_id, status="FAILED")
+            raise
+        finally:
+            progress.stop()
     if result.error:
         tracking.client(uri).set_terminated(run_id, status="FAILED")
         raise result.error
     # consolidate the final ZeRO-3 checkpoint to one fp32 state dict, log it
-    weights, ck_path = None, None
+    weights, ck_path, steps = None, None, 0
     if result.checkpoint is not None:
         ck_path = result.checkpoint.path if not cfg.storage.storage_path.startswith("s3://") \
             else f"s3://{result.checkpoint.path}"
         with result.checkpoint.as_directory() as d:
-            state = ckpt.read_state(d)
-            sd = ckpt.consolidate(d)
+            state = checkpoint.read_state(d)
+            sd = checkpoint.consolidate(d)
         out_dir = tempfile.mkdtemp(prefix="weights-")
-        weights = ckpt.save_weights(sd, os.path.join(out_dir, ckpt.WEIGHTS_FILE))
-        if not is_url(cfg.storage.storage_path):
-            keep = os.path.join(cfg.storage.storage_path, cfg.storage.name, ckpt.WEIGHTS_FILE)
+        weights = checkpoint.save_weights(sd, os.path.join(out_dir, checkpoint.WEIGHTS_FILE))
+        if not is_remote(cfg.storage.storage_path):
+            keep = os.path.join(cfg.storage.storage_path, cfg.storage.name, checkpoint.WEIGHTS_FILE)
             shutil.copyfile(weights, keep)
         tracking.finish_run(uri, run_id, weights_path=weights, resolved=resolved_dict(cfg),
                             tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"})
-        if not is_url(cfg.storage.storage_path):
-            shutil.rmtree(out_dir, ignore_errors=True)
-            weights = keep
-        steps = state["step"]
-    else:
-        steps = 0
+        shutil.rmtree(out_dir, ignore_errors=True)
+        weights = keep if not is_remote(cfg.storage.storage_path) else f"runs:/{run_id}/weights/{checkpoint.WEIGHTS_FILE}"
+        steps = state.step
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return RunSummary(cfg.storage.name, ck_path, weights, run_id, uri, cfg.tracking.experiment,
                       steps, metrics, resumed)

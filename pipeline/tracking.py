@@ -11,6 +11,8 @@ Run structure (what the fine-tuning/registry stages can rely on):
 - metrics (step = optimizer step): train/loss, train/lr, train/grad_norm, train/images_per_s,
   train/samples_seen, train/skipped_samples, eval/top1, eval/top5 (multi-label: eval/precision_at_1,
   eval/top5 = recall@5 of a positive), eval/loss
+- system metrics (MLflow's own monitor, from the rank-0 worker): ``system/cpu_utilization_percentage``,
+  ``system/system_memory_usage_megabytes``, GPU utilisation and memory when there is a GPU
 - artifact ``weights/model.pt``: consolidated fp32 state dict (torch.load(weights_only=True)),
   ``config/resolved.json``
 """
@@ -79,6 +81,30 @@ class MetricsLogger:
 
         ts = int(time.time() * 1000)
         self._c.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU when present) logging into
+    the run from this process, every ``tracking.system_metrics_interval_s``. A no-op when disabled."""
+
+    def __init__(self, tracking, run_id: str | None, enabled: bool = True) -> None:
+        self._monitor = None
+        if not (enabled and run_id and tracking.system_metrics):
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking.system_metrics_interval_s,
+                                                 resume_logging=True, tracking_uri=tracking.tracking_uri)
+            self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - monitoring must never stop training
+            print(f"system metrics off: {type(e).__name__}: {e}", flush=True)
+            self._monitor = None
+
+    def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
 
 
 def finish_run(uri: str, run_id: str, *, weights_path: str | None, resolved: dict[str, Any],

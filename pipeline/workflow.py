@@ -22,13 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict, format_errors
+from pipeline.console import say
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARENT = "mlflow.parentRunId"
@@ -60,7 +63,7 @@ class PromoteSpec(_S):
     enabled: bool = True
     alias: str = "champion"
     margin: float = 0.0
-    metric: str = Field("top1", pattern="^(top1|top5)$")
+    metric: str | None = Field(None, pattern="^(top1|top5|precision_at_1|recall_at_5|mAP)$")  # None: by label type
 
 
 class WorkflowConfig(_S):
@@ -114,8 +117,7 @@ def stage_config(spec: StageSpec, wf: WorkflowConfig, base: Path | None) -> tupl
     keyed = cfg.model_dump(mode="json")
     for volatile in ("tracking", "storage", "description"):
         keyed.pop(volatile, None)
-    for k in [k for k in keyed.get("train", {}) if k.startswith("debug_")]:
-        keyed["train"].pop(k)          # test hooks do not change what a stage computes
+    keyed.get("train", {}).pop("callbacks", None)    # probes and profilers do not change the result
     return cfg, keyed
 
 
@@ -183,243 +185,253 @@ class Book:
 
 
 # --------------------------------------------------------------------------------------------
-# Stages
+# Results (what jobs/workflow.py prints and writes with --summary)
 # --------------------------------------------------------------------------------------------
 
-def _say(msg: str) -> None:
-    print(f"[workflow {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    run_id: str
+    outputs: dict[str, Any]
+    skipped: bool = False           # completed by an earlier run of the same workflow
 
 
-def _training_stage(book: Book, stage: str, key: str, cfg: Config, wf: WorkflowConfig, source=None) -> dict:
-    """Run (or resume) a Ray/DeepSpeed training stage inside its nested run."""
-    from pipeline import launch
-    from pipeline.finetune import run_finetune
+@dataclass
+class WorkflowResult:
+    FORMAT = 1
 
-    cfg = cfg.model_copy(deep=True)
-    cfg.storage.name = f"{wf.name}-{stage}-{key[:10]}"
-    cfg.tracking.run_name = stage
-    rcfg, _ = launch.prepare(cfg)
-    tags = book.stage_tags(stage, key)
-    if source is None:
-        _say(f"{stage}: Ray run {rcfg.storage.name} (an existing one resumes from its last checkpoint)")
-        summary = launch.run(rcfg, stage=stage, extra_tags=tags)
-    else:
-        _say(f"{stage}: from {source.ref} at {cfg.model.img_size}px (Ray run {rcfg.storage.name})")
-        summary, _ = run_finetune(rcfg, source, extra_tags=tags)
-    out = {"mlflow_run_id": summary.mlflow_run_id, "weights": summary.weights, "checkpoint": summary.checkpoint,
-           "steps": summary.steps, "img_size": rcfg.model.img_size, "variant": rcfg.model.variant,
-           "num_classes": rcfg.model.num_classes, "val": rcfg.data.val_url,
-           "metrics": {k: v for k, v in summary.metrics.items() if k.startswith("eval/")}}
-    book.complete(summary.mlflow_run_id, out, terminate=False)
-    return {"run_id": summary.mlflow_run_id, **out}
+    parent_run_id: str
+    stages: dict[str, StageResult] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> list[str]:
+        return [s.name for s in self.stages.values() if s.skipped]
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        return self.stages[stage].outputs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "parent_run_id": self.parent_run_id, "skipped": self.skipped,
+                "stages": {n: {"run_id": s.run_id, "key": s.key, "skipped": s.skipped, **s.outputs}
+                           for n, s in self.stages.items()}}
 
 
-def _spec_for(cfg: Config, index) -> "Any":
-    """The ModelSpec of a model trained by ``cfg`` (eval preprocessing = the loader's)."""
-    from pipeline.data import AugmentConfig
-    from pipeline.registry import ModelSpec
+# --------------------------------------------------------------------------------------------
+# The stage runner and the stages
+# --------------------------------------------------------------------------------------------
 
-    class _M:  # the spec needs only these two numbers of the network
-        num_classes = len(index.class_names)
-        img_size = (cfg.model.img_size, cfg.model.img_size)
+@dataclass
+class Plan:
+    """Every stage's config and key, computed before anything runs (a bad config stops here)."""
 
-    a = cfg.data.augment
-    aug = AugmentConfig(randaug_n=a.randaug_n, randaug_m=a.randaug_m, mixup_alpha=a.mixup_alpha,
-                        cutmix_alpha=a.cutmix_alpha, crop_scale=tuple(a.crop_scale), hflip=a.hflip)
-    overrides = {} if cfg.model.drop_path_rate is None else {"drop_path_rate": cfg.model.drop_path_rate}
-    return ModelSpec.for_data(_M, cfg.model.variant, index, aug, overrides=overrides)
+    wf: WorkflowConfig
+    base: Path | None
+    pretrain: tuple[Config, str] | None            # (config, key)
+    pretrain_key: str
+    finetune: list[tuple[str, Config, str]]         # (stage name, config, key)
 
-
-def _weights_of(run_id: str):
-    from pipeline.finetune import resolve_source
-
-    return resolve_source(run_id)
+    @property
+    def key(self) -> str:
+        return key_of(self.wf.model_dump(mode="json", exclude={"description"}), self.pretrain_key,
+                      [k for _, _, k in self.finetune])
 
 
-def run_workflow(wf: WorkflowConfig, base: Path | None = None) -> dict:
-    """Run the chain; returns a summary dict (stage outputs, scores, version, promotion)."""
-    import mlflow
-
-    from pipeline import launch
-    from pipeline.config import tracking_uri
-
-    uri = tracking_uri(Config(tracking={"tracking_uri": wf.tracking_uri}))
-    mlflow.set_tracking_uri(uri)
+def plan_stages(wf: WorkflowConfig, base: Path | None = None) -> Plan:
     if wf.pretrain is None and not wf.pretrained_from:
         raise ConfigError("workflow: set pretrain (a stage) or pretrained_from (a run, model URI or folder)")
     if not wf.finetune:
         raise ConfigError("workflow: finetune needs at least one stage")
-
-    # keys first (cheap): a config error stops the workflow before anything runs
-    pre_cfg, pre_key = None, None
+    pretrain = None
     if wf.pretrain is not None:
-        pre_cfg, keyed = stage_config(wf.pretrain, wf, base)
-        pre_key = key_of("pretrain", keyed)
-    else:
-        pre_key = key_of("pretrained_from", wf.pretrained_from)
+        cfg, keyed = stage_config(wf.pretrain, wf, base)
+        pretrain = (cfg, key_of("pretrain", keyed))
+    pre_key = pretrain[1] if pretrain else key_of("pretrained_from", wf.pretrained_from)
     ft = []
     for i, spec in enumerate(wf.finetune):
         cfg, keyed = stage_config(spec, wf, base)
-        ft.append((f"finetune{cfg.model.img_size}" + (f"-{i}" if len(wf.finetune) > 1 else ""), cfg,
-                   key_of("finetune", keyed, pre_key)))
-    wf_key = key_of(wf.model_dump(mode="json", exclude={"description"}), pre_key, [k for _, _, k in ft])
-    book = Book(uri, wf.experiment, wf_key, wf.name)
-    _say(f"MLflow parent run {book.parent} ({'continued' if book.resumed else 'new'}) in {uri}")
-    ray_tmp: list = []
+        name = f"finetune{cfg.model.img_size}" + (f"-{i}" if len(wf.finetune) > 1 else "")
+        ft.append((name, cfg, key_of("finetune", keyed, pre_key)))
+    return Plan(wf, base, pretrain, pre_key, ft)
 
-    def ensure_ray(cfg: Config) -> None:
-        """One Ray for every training stage, started only when a stage has to run."""
-        if not ray_tmp:
-            ray_tmp.append(launch.init_ray(cfg))
 
-    result: dict[str, Any] = {"parent_run_id": book.parent, "stages": {}, "skipped": []}
-    current = None
-    try:
-        # -- pretrain ------------------------------------------------------------------------
-        if wf.pretrain is not None:
-            done = book.completed(pre_key)
-            if done:
-                _say(f"pretrain: completed earlier in run {done['run_id']}, skipped")
-                result["skipped"].append("pretrain")
-            else:
-                ensure_ray(pre_cfg)
-                done = _training_stage(book, "pretrain", pre_key, pre_cfg, wf)
-            result["stages"]["pretrain"] = done
-            source_ref = done["run_id"]
-        else:
-            source_ref = wf.pretrained_from
-        from pipeline.finetune import resolve_source
+class Runner:
+    """Runs a stage unless a completed nested run has its key; records what it produced."""
 
-        source = resolve_source(source_ref, tracking_uri=uri)
+    def __init__(self, book: Book, result: WorkflowResult) -> None:
+        self.book, self.result = book, result
+        self.ray = ExitStack()         # one Ray for every training stage, started on first need
+        self._ray_started = False
 
-        # -- finetune (each from the pretrained model) ---------------------------------------
-        for stage, cfg, key in ft:
-            done = book.completed(key)
-            if done:
-                _say(f"{stage}: completed earlier in run {done['run_id']}, skipped")
-                result["skipped"].append(stage)
-            else:
-                ensure_ray(cfg)
-                done = _training_stage(book, stage, key, cfg, wf, source=source)
-            result["stages"][stage] = done
+    def ensure_ray(self, cfg: Config) -> None:
+        from pipeline.launch import ray_cpus, ray_session
 
-        # -- evaluate: every fine-tuned model (and the pretrained one, resized, untuned) -------
-        from pipeline.data import ShardIndex
-        from pipeline.registry import evaluate
+        if not self._ray_started:
+            self.ray.enter_context(ray_session(ray_cpus(cfg)))
+            self._ray_started = True
 
-        val = wf.evaluate.val or result["stages"][ft[-1][0]]["val"]
-        val_index = ShardIndex.load(val)
-        ev_key = key_of("evaluate", [k for _, _, k in ft], val_index.fingerprint(), wf.evaluate.model_dump())
-        done = book.completed(ev_key)
+    def stage(self, name: str, key: str, body: Callable[[str | None], dict[str, Any]], *,
+              driver_side: bool = True) -> dict[str, Any]:
+        """``body(run_id)`` does the work and returns the outputs. Driver-side stages get a nested
+        run opened here; training stages (``driver_side=False``) create theirs through
+        ``pipeline.launch`` and return its ``run_id`` among the outputs."""
+        done = self.book.completed(key)
         if done:
-            _say(f"evaluate: completed earlier in run {done['run_id']}, skipped")
-            result["skipped"].append("evaluate")
-        else:
-            current = book.open_stage("evaluate", ev_key)
-            scores: dict[str, dict] = {}
-            for stage, cfg, _ in ft:
-                spec = _spec_for(cfg, val_index)
-                src = _weights_of(result["stages"][stage]["run_id"])
-                model = spec.build()
-                model.load_state_dict(src.state_dict)
-                scores[stage] = evaluate(model, spec, val, batch_size=wf.evaluate.batch_size)
-                if wf.evaluate.baseline and source.num_classes == spec.num_classes:
-                    from pipeline.finetune import adapt
-
-                    sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model)
-                    model.load_state_dict(sd, strict=False)
-                    scores[f"{stage}/pretrained_untuned"] = evaluate(model, spec, val, batch_size=wf.evaluate.batch_size)
-                _say(f"evaluate: {stage} top1 {scores[stage]['top1']:.4f}" + (
-                    f" (pretrained, resized, not fine-tuned: {scores[f'{stage}/pretrained_untuned']['top1']:.4f})"
-                    if f"{stage}/pretrained_untuned" in scores else ""))
-            metrics = {f"{s}/{m}".replace("/", "."): v for s, d in scores.items() for m, v in d.items()
-                       if isinstance(v, float)}
-            book.c.log_batch(current, metrics=[_metric(k, v) for k, v in metrics.items()])
-            done = {"val": val, "scores": scores}
-            book.complete(current, done)
-            done = {"run_id": current, **done}
-            current = None
-        result["stages"]["evaluate"] = done
-        scores = done["scores"]
-
-        # -- register the selected fine-tuned model ------------------------------------------
-        names = [s for s, _, _ in ft]
-        pick = max(names, key=lambda s: scores[s]["top1"]) if wf.registry.select == "best" else names[-1]
-        reg_key = key_of("register", ev_key, pick, wf.registry.name)
-        done = book.completed(reg_key)
-        if done:
-            _say(f"register: version {done['version']} registered earlier, skipped")
-            result["skipped"].append("register")
-        else:
-            current = book.open_stage("register", reg_key)
-            cfg = next(c for s, c, _ in ft if s == pick)
-            spec = _spec_for(cfg, val_index)
-            src = _weights_of(result["stages"][pick]["run_id"])
-            done = _register(book, current, spec, src.state_dict, wf, val, pick, result, scores[pick])
-            book.complete(current, done)
-            done = {"run_id": current, **done}
-            current = None
-        result["stages"]["register"] = done
-        version = done["version"]
-
-        # -- promote --------------------------------------------------------------------------
-        if wf.promote.enabled:
-            p = wf.promote
-            pr_key = key_of("promote", reg_key, p.model_dump())
-            done = book.completed(pr_key)
-            if done:
-                _say(f"promote: decided earlier ({done['action']}), skipped")
-                result["skipped"].append("promote")
-            else:
-                from pipeline.registry import promote
-
-                current = book.open_stage("promote", pr_key)
-                d = promote(wf.registry.name, version, val=val, alias=p.alias, margin=p.margin,
-                            metric=p.metric, batch_size=wf.evaluate.batch_size)
-                for k, v in d.to_dict().items():
-                    book.c.set_tag(current, f"promotion.{k}", str(v))
-                done = d.to_dict()
-                book.complete(current, done)
-                done = {"run_id": current, **done}
-                current = None
-                _say(f"promote: {d.action} (candidate {d.candidate_score}, champion {d.champion_score}); "
-                     f"{p.alias} -> version {d.champion_after}")
-            result["stages"]["promote"] = done
-        book.c.set_tag(book.parent, "workflow.registered_version", str(version))
-        book.c.set_terminated(book.parent, "FINISHED")
-    except BaseException:
-        book.fail(current)
-        raise
-    finally:
-        tmp = ray_tmp[0] if ray_tmp else None
-        if tmp:
-            import shutil
-
-            import ray
-
-            ray.shutdown()
-            shutil.rmtree(tmp, ignore_errors=True)
-    return result
+            run_id = done.pop("run_id")
+            say(f"[workflow] {name}: completed earlier in run {run_id}, skipped")
+            self.result.stages[name] = StageResult(name, key, run_id, done, skipped=True)
+            return done
+        run_id = self.book.open_stage(name, key) if driver_side else None
+        try:
+            outputs = body(run_id)
+        except BaseException:
+            self.book.fail(run_id)
+            raise
+        run_id = run_id or outputs.pop("run_id")
+        self.book.complete(run_id, outputs, terminate=driver_side)
+        self.result.stages[name] = StageResult(name, key, run_id, outputs)
+        return outputs
 
 
-def _metric(k: str, v: float):
-    from mlflow.entities import Metric
+def _train(runner: Runner, wf: WorkflowConfig, name: str, key: str, cfg: Config, source=None) -> dict[str, Any]:
+    """A Ray/DeepSpeed training stage (pretrain or a fine-tuning), resumed when interrupted."""
+    from pipeline import launch
+    from pipeline.finetune import run_finetune
 
-    return Metric(k, float(v), int(time.time() * 1000), 0)
+    cfg = cfg.model_copy(deep=True)
+    cfg.storage.name = f"{wf.name}-{name}-{key[:10]}"
+    cfg.tracking.run_name = name
+    rcfg, _ = launch.prepare(cfg)
+    tags = runner.book.stage_tags(name, key)
+    runner.ensure_ray(rcfg)
+    if source is None:
+        say(f"[workflow] {name}: Ray run {rcfg.storage.name} (an existing one resumes from its last checkpoint)")
+        summary = launch.run(rcfg, stage=name, extra_tags=tags)
+    else:
+        say(f"[workflow] {name}: from {source.ref} at {cfg.model.img_size}px (Ray run {rcfg.storage.name})")
+        summary, _ = run_finetune(rcfg, source, extra_tags=tags)
+    return {"run_id": summary.mlflow_run_id, "mlflow_run_id": summary.mlflow_run_id,
+            "weights": summary.weights, "checkpoint": summary.checkpoint, "steps": summary.steps,
+            "img_size": rcfg.model.img_size, "variant": rcfg.model.variant,
+            "num_classes": rcfg.model.num_classes, "val": rcfg.data.val_url,
+            "metrics": {k: v for k, v in summary.metrics.items() if k.startswith("eval/")}}
 
 
-def _register(book: Book, run_id: str, spec, state_dict, wf: WorkflowConfig, val: str, stage: str,
-              result: dict, score: dict) -> dict:
-    """Log the pyfunc model into the register run and create a registry version with lineage tags."""
+def spec_for(cfg: Config, index):
+    """The ModelSpec of a model trained by ``cfg`` (eval preprocessing = the loader's)."""
+    from pipeline.spec import ModelSpec
+
+    overrides = {} if cfg.model.drop_path_rate is None else {"drop_path_rate": cfg.model.drop_path_rate}
+    a = cfg.data.augment
+    return ModelSpec(variant=cfg.model.variant, num_classes=index.num_classes, img_size=cfg.model.img_size,
+                     overrides=overrides, class_names=list(index.class_names), mean=tuple(a.mean),
+                     std=tuple(a.std), crop_pct=a.eval_crop_pct, interpolation=a.interpolation,
+                     label_type=index.label_type)
+
+
+def _evaluate(plan: Plan, result: WorkflowResult, source, val: str, val_index) -> dict[str, Any]:
+    """Every fine-tuned model on ``val``, and (baseline) the pretrained model resized, untuned."""
+    from pipeline.evaluate import PRIMARY, evaluate_model
+    from pipeline.finetune import adapt, resolve_source
+
+    bs = plan.wf.evaluate.batch_size
+    metric = PRIMARY[val_index.label_type]
+    scores: dict[str, dict] = {}
+    for stage, cfg, _ in plan.finetune:
+        spec = spec_for(cfg, val_index)
+        model = spec.build()
+        model.load_state_dict(resolve_source(result.stages[stage].run_id).state_dict)
+        scores[stage] = evaluate_model(model, spec, val, batch_size=bs)
+        line = f"[workflow] evaluate: {stage} {metric} {scores[stage][metric]:.4f}"
+        if plan.wf.evaluate.baseline and source.num_classes == spec.num_classes:
+            sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model)
+            model.load_state_dict(sd, strict=False)
+            untuned = scores[f"{stage}/pretrained_untuned"] = evaluate_model(model, spec, val, batch_size=bs)
+            line += f" (pretrained, resized, not fine-tuned: {untuned[metric]:.4f})"
+        say(line)
+    return {"val": val, "metric": metric, "scores": scores}
+
+
+def _register(plan: Plan, result: WorkflowResult, run_id: str, pick: str, val: str, val_index) -> dict[str, Any]:
+    """Log the picked fine-tuned model as a pyfunc into the register run; a version with lineage tags."""
     import mlflow
 
+    from pipeline.finetune import resolve_source
     from pipeline.registry import TAG_VAL_DATA, log_model
 
-    tags = {TAG_VAL_DATA: val, "workflow.run": book.parent, "workflow.stage": stage,
-            "coatnet.finetune_run": result["stages"][stage]["run_id"], "coatnet.val_top1": f"{score['top1']:.6f}"}
-    if "pretrain" in result["stages"]:
-        tags["coatnet.pretrain_run"] = result["stages"]["pretrain"]["run_id"]
+    wf = plan.wf
+    cfg = next(c for s, c, _ in plan.finetune if s == pick)
+    ev = result.outputs("evaluate")
+    score = ev["scores"][pick][ev["metric"]]
+    tags = {TAG_VAL_DATA: val, "workflow.run": result.parent_run_id, "workflow.stage": pick,
+            "coatnet.finetune_run": result.stages[pick].run_id, f"coatnet.val_{ev['metric']}": f"{score:.6f}"}
+    if "pretrain" in result.stages:
+        tags["coatnet.pretrain_run"] = result.stages["pretrain"].run_id
+    weights = resolve_source(result.stages[pick].run_id).state_dict
     with mlflow.start_run(run_id=run_id):
-        info, mv = log_model(state_dict, spec, registered_model_name=wf.registry.name, version_tags=tags)
-    _say(f"register: {wf.registry.name} version {mv.version} ({stage}, val top1 {score['top1']:.4f})")
-    return {"version": str(mv.version), "model_uri": info.model_uri, "name": wf.registry.name, "stage": stage}
+        info, mv = log_model(weights, spec_for(cfg, val_index), registered_model_name=wf.registry.name,
+                             version_tags=tags)
+    say(f"[workflow] register: {wf.registry.name} version {mv.version} ({pick}, val {ev['metric']} {score:.4f})")
+    return {"version": str(mv.version), "model_uri": info.model_uri, "name": wf.registry.name, "stage": pick}
+
+
+def _promote(plan: Plan, book: Book, run_id: str, version: str, val: str) -> dict[str, Any]:
+    from pipeline.promote import promote
+
+    p = plan.wf.promote
+    d = promote(plan.wf.registry.name, version, val=val, alias=p.alias, margin=p.margin,
+                metric=p.metric, batch_size=plan.wf.evaluate.batch_size)
+    for k, v in d.to_dict().items():
+        book.c.set_tag(run_id, f"promotion.{k}", str(v))
+    say(f"[workflow] promote: {d.action} (candidate {d.candidate_score}, champion {d.champion_score}); "
+        f"{p.alias} -> version {d.champion_after}")
+    return d.to_dict()
+
+
+def run_workflow(wf: WorkflowConfig, base: Path | None = None) -> WorkflowResult:
+    """pretrain -> finetune* -> evaluate -> register -> promote, each stage skipped when done."""
+    import mlflow
+
+    from pipeline.config import tracking_uri
+    from pipeline.data import ShardIndex
+    from pipeline.finetune import resolve_source
+
+    uri = tracking_uri(Config(tracking={"tracking_uri": wf.tracking_uri}))
+    mlflow.set_tracking_uri(uri)
+    plan = plan_stages(wf, base)          # keys first (cheap): a config error stops before anything runs
+    book = Book(uri, wf.experiment, plan.key, wf.name)
+    say(f"[workflow] MLflow parent run {book.parent} ({'continued' if book.resumed else 'new'}) in {uri}")
+    result = WorkflowResult(book.parent)
+    runner = Runner(book, result)
+    with runner.ray:
+        if plan.pretrain is not None:
+            cfg, key = plan.pretrain
+            runner.stage("pretrain", key, lambda _: _train(runner, wf, "pretrain", key, cfg), driver_side=False)
+            source_ref = result.stages["pretrain"].run_id
+        else:
+            source_ref = wf.pretrained_from
+        source = resolve_source(source_ref, tracking_uri=uri)
+        for name, cfg, key in plan.finetune:
+            runner.stage(name, key, lambda _, n=name, c=cfg, k=key: _train(runner, wf, n, k, c, source),
+                         driver_side=False)
+
+        last_ft = plan.finetune[-1][0]
+        val = wf.evaluate.val or result.outputs(last_ft)["val"]
+        val_index = ShardIndex.load(val)
+        ev_key = key_of("evaluate", [k for _, _, k in plan.finetune], val_index.fingerprint(),
+                        wf.evaluate.model_dump())
+        runner.stage("evaluate", ev_key, lambda _: _evaluate(plan, result, source, val, val_index))
+
+        ev = result.outputs("evaluate")
+        names = [s for s, _, _ in plan.finetune]
+        pick = (max(names, key=lambda s: ev["scores"][s][ev["metric"]]) if wf.registry.select == "best"
+                else names[-1])
+        reg_key = key_of("register", ev_key, pick, wf.registry.name)
+        version = runner.stage("register", reg_key,
+                               lambda run_id: _register(plan, result, run_id, pick, val, val_index))["version"]
+        if wf.promote.enabled:
+            pr_key = key_of("promote", reg_key, wf.promote.model_dump())
+            runner.stage("promote", pr_key, lambda run_id: _promote(plan, book, run_id, version, val))
+    book.c.set_tag(book.parent, "workflow.registered_version", str(version))
+    book.c.set_terminated(book.parent, "FINISHED")
+    return result

@@ -35,7 +35,7 @@ def test_all_recipes_load_and_validate():
 def test_paper_numbers():
     c = load_config(os.path.join(ROOT, "configs", "coatnet_3_imagenet1k.yaml"))
     assert (c.model.drop_path_rate, c.train.lr, c.train.min_lr, c.train.warmup_steps, c.train.schedule,
-            c.train.weight_decay, c.train.epochs, c.train.loss, c.train.label_smoothing,
+            c.train.weight_decay, c.train.epochs, c.train.loss, c.data.augment.label_smoothing,
             c.data.augment.mixup_alpha, c.data.augment.randaug_n, c.data.augment.randaug_m) == \
         (0.7, 1e-3, 1e-5, 10000, "cosine", 0.05, 300, "softmax", 0.1, 0.8, 2, 15)
     c = load_config(os.path.join(ROOT, "configs", "coatnet_4_imagenet21k.yaml"))
@@ -113,10 +113,10 @@ def _prepare(root, tmp_path, *overrides):
 
 
 def test_preflight_accepts_good_config_and_derives_numbers(demo_data, tmp_path):
-    cfg, plan = _prepare(demo_data, tmp_path, "train.steps=null", "train.epochs=2", "train.warmup_steps=null",
+    cfg, task = _prepare(demo_data, tmp_path, "train.steps=null", "train.epochs=2", "train.warmup_steps=null",
                          "train.warmup_epochs=1")
     assert cfg.model.num_classes == 10           # from the shard index
-    assert plan["total_steps"] == 2 and plan["warmup_steps"] == 1    # 64 samples / 64 per step
+    assert task.total_steps == 2 and task.warmup_steps == 1    # 64 samples / 64 per step
     assert os.path.isabs(cfg.storage.storage_path)
 
 
@@ -138,3 +138,14 @@ def test_unreachable_s3_storage_is_rejected(demo_data, tmp_path, s3_endpoint):
     assert "storage.storage_path s3://no-such-bucket-xyz/runs is not writable" in str(e.value)
     cfg, _ = _prepare(demo_data, tmp_path, f"storage.storage_path=s3://{s3_endpoint['bucket']}/runs")
     assert cfg.storage.storage_path == f"s3://{s3_endpoint['bucket']}/runs"
+
+
+def test_every_recipe_says_how_to_run_it_and_what_to_expect():
+    import glob
+
+    import yaml
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))):
+        desc = yaml.safe_load(open(path))["description"]
+        assert "Run: " in desc and "Expect: " in desc, path
+        assert os.path.basename(path) in desc or "make pretrain" in desc or "jobs/" in desc, path

@@ -102,7 +102,7 @@ def test_deepspeed_parser_rejects_unknown_zero_keys():
 
 
 def test_planner_reads_the_reference_zero3_config():
-    from pipeline.plan import ZeroSettings
+    from pipeline.capacity import ZeroSettings
 
     with open(INFRA / "deepspeed" / "zero3_bf16.json") as f:
         assert ZeroSettings.from_deepspeed_config(json.load(f)) == ZeroSettings()

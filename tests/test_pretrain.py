@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 import torch
+from train_callbacks import override as callbacks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, GLOBAL, MICRO = 8, 16, 8
@@ -31,7 +32,8 @@ def tiny_overrides(data_root: str, storage: str, name: str, uri: str, steps: int
             "train.grad_accum=1", "train.lr=0.003", "train.warmup_steps=1", "train.log_every=1",
             "train.eval_every=0", "train.checkpoint_every=2", "train.keep_last=2", "train.max_failures=2",
             "scaling.num_workers=2", f"storage.storage_path={storage}", f"storage.name={name}",
-            f"tracking.tracking_uri={uri}", "tracking.experiment=test-pretrain"]
+            f"tracking.tracking_uri={uri}", "tracking.experiment=test-pretrain",
+            "tracking.system_metrics_interval_s=1"]
 
 
 def kill_session(proc: subprocess.Popen) -> None:
@@ -95,8 +97,8 @@ def s3_run(s3_server, demo_root, tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     keys_dir, pid_dir, dump = str(tmp / "keys"), str(tmp / "pids"), str(tmp / "live.pt")
     cmd = job_cmd(*tiny_overrides(demo_root, f"s3://{bucket}/runs", "s3run", uri),
-                  f"train.debug_keys_dir={keys_dir}", f"train.debug_pid_dir={pid_dir}",
-                  f"train.debug_dump_weights={dump}", "train.debug_step_sleep=1.0")
+                  callbacks(("KeysLog", {"dir": keys_dir}), ("PidFile", {"dir": pid_dir}),
+                            ("DumpWeights", {"path": dump}), ("StepSleep", {"seconds": 1.0})))
     log = open(tmp / "job.log", "w")
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=str(tmp), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -169,6 +171,7 @@ def test_mlflow_run_has_params_metrics_and_falling_loss(s3_run):
                  "train/skipped_samples", "eval/top1", "eval/top5"):
         assert name in run.data.metrics, name
     assert run.data.metrics["train/samples_seen"] == STEPS * GLOBAL
+    assert "system/cpu_utilization_percentage" in run.data.metrics     # MLflow's own monitor
     assert 0 <= run.data.metrics["eval/top1"] <= run.data.metrics["eval/top5"] <= 1
     arts = {a.path for a in c.list_artifacts(run.info.run_id, "weights")}
     assert arts == {"weights/model.pt"}
@@ -231,7 +234,7 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     storage = str(tmp_path / "runs")
     keys_dir = str(tmp_path / "keys")
     cmd = job_cmd(*tiny_overrides(demo_root, storage, "stopme", uri, steps=6),
-                  f"train.debug_keys_dir={keys_dir}", "train.debug_step_sleep=0.5")
+                  callbacks(("KeysLog", {"dir": keys_dir}), ("StepSleep", {"seconds": 0.5})))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -256,6 +259,7 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
+    assert_console_is_readable(out, steps=6)
     resumed_at = int(out.split("resuming stopme from checkpoint_")[1].split()[0])
     assert 2 <= resumed_at < 6 and "steps          6" in out
     steps = [json.loads(x)["step"] for x in open(os.path.join(keys_dir, "keys.rank0.jsonl"))]
@@ -267,3 +271,22 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     _, runs = _run(uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["train/samples_seen"] == 6 * GLOBAL
+
+
+def assert_console_is_readable(out: str, *, steps: int) -> None:
+    """What the terminal of a training job shows: the log file first, then the MLflow run, one
+    progress line per log step, the evaluation and the summary - each line once, no library chatter
+    (it is in the log file)."""
+    lines = [x for x in out.splitlines() if x.strip()]
+    assert lines[0].startswith("log file"), lines[:3]
+    log_path = lines[0].split(None, 2)[2]
+    chatter = open(log_path).read()
+    assert "RayTrainWorker" in chatter and "deepspeed" in chatter.lower()   # it went here...
+    for noise in ("Warning", "warn(", "RayTrainWorker", "TrainController", "Failed to query", "Traceback",
+                  "DeepSpeed", "[rank", "INFO"):
+        assert noise not in out, (noise, out[-3000:])                     # ...not to the terminal
+    assert len(lines) == len(set(lines)), [x for x in lines if lines.count(x) > 1]
+    assert any(x.startswith("MLflow run") for x in lines)
+    progress = [x for x in lines if x.startswith("step ")]
+    assert progress and progress[-1].startswith(f"step {steps:>6}/{steps}") and "img/s" in progress[-1]
+    assert any(x.startswith("eval  step") for x in lines) and "== pretraining finished ==" in lines

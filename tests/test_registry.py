@@ -58,7 +58,7 @@ def _train(shards: Path, steps: int, seed: int):
     """A tiny CoAtNet trained in plain PyTorch on the demo train split; returns (model, spec)."""
     import models
     from pipeline.data import AugmentConfig, ShardIndex, StreamingLoader
-    from pipeline.registry import ModelSpec
+    from pipeline.spec import ModelSpec
 
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
@@ -125,7 +125,8 @@ def _log(model, spec, shards, **tags):
 
 
 def test_log_load_roundtrip_and_pyfunc_in_fresh_process(trained, shards, tracking, tmp_path):
-    from pipeline.registry import evaluate, load_model
+    from pipeline.evaluate import evaluate_model as evaluate
+    from pipeline.registry import load_model
 
     model, spec = trained
     run_id, mv = _log(model, spec, shards)
@@ -142,7 +143,7 @@ def test_log_load_roundtrip_and_pyfunc_in_fresh_process(trained, shards, trackin
     assert acc["num_samples"] == 160 and acc["top1"] > 0.6, acc
 
     # someone else, in a fresh interpreter with no training config, scores PNG bytes via pyfunc
-    from pipeline.registry import iter_samples
+    from pipeline.predict import iter_samples
 
     samples = list(iter_samples(str(shards / "val")))[:32]
     imgdir = tmp_path / "imgs"
@@ -171,7 +172,7 @@ def test_log_load_roundtrip_and_pyfunc_in_fresh_process(trained, shards, trackin
 def test_promotion(trained, untrained, shards, tracking, tmp_path):
     import mlflow
 
-    from pipeline.registry import promote
+    from pipeline.promote import promote
 
     c = mlflow.MlflowClient()
     _log(*trained, shards)          # v1
@@ -221,7 +222,8 @@ def test_promotion(trained, untrained, shards, tracking, tmp_path):
 
 
 def test_predict_files_and_shards_through_ray(trained, shards, tracking, tmp_path, ray_local):
-    from pipeline.registry import iter_samples, predict, promote
+    from pipeline.predict import iter_samples, predict
+    from pipeline.promote import promote
 
     model, spec = trained
     _log(model, spec, shards)
@@ -255,7 +257,8 @@ def test_predict_files_and_shards_through_ray(trained, shards, tracking, tmp_pat
 def test_clear_errors(trained, shards, tracking, tmp_path):
     import models
 
-    from pipeline.registry import RegistryError, check_compatible, load_model
+    from pipeline.checkpoint import IncompatibleWeights, check_compatible
+    from pipeline.registry import RegistryError, load_model
 
     model, spec = trained
     _log(model, spec, shards)
@@ -269,9 +272,9 @@ def test_clear_errors(trained, shards, tracking, tmp_path):
         load_model("runs:/0123456789abcdef0123456789abcdef/model")
     # incompatible weights: another variant, another class count
     other = models.create_model("coatnet_nano", num_classes=spec.num_classes, img_size=IMG)
-    with pytest.raises(RegistryError, match="incompatible"):
+    with pytest.raises(IncompatibleWeights, match="incompatible"):
         check_compatible(model.state_dict(), other)
-    with pytest.raises(RegistryError, match="other shapes"):
+    with pytest.raises(IncompatibleWeights, match="other shapes"):
         check_compatible(model.state_dict(), models.create_model(VARIANT, num_classes=3, img_size=IMG))
 
     # the CLIs print one line, no traceback, exit 2

@@ -34,7 +34,7 @@ def test_finetune_surgery_resizes_tables_and_replaces_head(tmp_path):
     import models
 
     from pipeline.finetune import adapt, resolve_source
-    from pipeline.registry import RegistryError
+    from pipeline.finetune import FinetuneError
 
     torch.manual_seed(0)
     pre = models.create_model(VARIANT, num_classes=10, img_size=32)
@@ -73,13 +73,13 @@ def test_finetune_surgery_resizes_tables_and_replaces_head(tmp_path):
     assert all(torch.equal(m5.state_dict()[k], pre.state_dict()[k]) for k in body)
 
     # incompatible: another variant named, or another variant's weights
-    with pytest.raises(RegistryError, match="incompatible checkpoint.*coatnet_pico.*coatnet_nano"):
+    with pytest.raises(FinetuneError, match="incompatible checkpoint.*coatnet_pico.*coatnet_nano"):
         adapt(src, "coatnet_nano", 64, 10)
     nano = models.create_model("coatnet_nano", num_classes=10, img_size=32)
     torch.save(nano.state_dict(), tmp_path / "nano.pt")
-    with pytest.raises(RegistryError, match="incompatible checkpoint"):
+    with pytest.raises(FinetuneError, match="incompatible checkpoint"):
         adapt(resolve_source(str(tmp_path / "nano.pt")), VARIANT, 64, 10)
-    with pytest.raises(RegistryError, match="no such run id"):
+    with pytest.raises(FinetuneError, match="no such run id"):
         resolve_source(str(tmp_path / "nothing-here"))
 
 

@@ -1,4 +1,4 @@
-"""The capacity planner (pipeline/plan.py, jobs/plan.py) against measurements.
+"""The capacity planner (pipeline/capacity.py, jobs/capacity.py) against measurements.
 
 - FLOPs: exactly the model's own counter (models.count_flops on a real CPU model), x2 x3.
 - Activations: the meta-device measurement equals a real CPU forward+backward's saved bytes,
@@ -19,7 +19,7 @@ from conftest import free_port
 import torch
 
 import models
-from pipeline import plan as planner
+from pipeline import capacity as planner
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "coatnet_pico" if "coatnet_pico" in models.list_models() else "coatnet_nano"
@@ -184,10 +184,10 @@ def test_paper_compute_is_consistent_with_our_flop_count():
 
 def test_cli_help_and_table():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    h = subprocess.run([sys.executable, "jobs/plan.py", "--help"], cwd=ROOT, env=env,
+    h = subprocess.run([sys.executable, "jobs/capacity.py", "--help"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert h.returncode == 0 and "--num-gpus" in h.stdout and "--offload" in h.stdout
-    r = subprocess.run([sys.executable, "jobs/plan.py", "--variant", TINY, "--img-size", str(TINY_RES),
+    r = subprocess.run([sys.executable, "jobs/capacity.py", "--variant", TINY, "--img-size", str(TINY_RES),
                         "--dataset", "imagenet-1k", "--epochs", "300", "--gpu", "A100-40GB",
                         "--num-gpus", "8", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
@@ -196,7 +196,7 @@ def test_cli_help_and_table():
     assert out["fits"] and out["min_gpus"] >= 1
     assert out["total_flops"] == 6 * out["facts"]["macs_per_image"] * 1_281_167 * 300
     # A recipe supplies the run's settings (through pipeline.config), flags override them.
-    c = subprocess.run([sys.executable, "jobs/plan.py", "--config", "configs/coatnet_0_imagenet1k.yaml",
+    c = subprocess.run([sys.executable, "jobs/capacity.py", "--config", "configs/coatnet_0_imagenet1k.yaml",
                         "--dataset", "imagenet-1k", "--num-gpus", "16", "--variant", TINY,
                         "--img-size", str(TINY_RES), "--json"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -208,7 +208,7 @@ def test_cli_help_and_table():
     assert (got["global_batch"], got["epochs"], got["offload"]) == (
         recipe.train.global_batch, recipe.train.epochs, recipe.deepspeed.offload)
     assert (got["variant"], got["img_size"], got["num_gpus"]) == (TINY, TINY_RES, 16)
-    t = subprocess.run([sys.executable, "jobs/plan.py", "--variant", TINY, "--img-size", str(TINY_RES),
+    t = subprocess.run([sys.executable, "jobs/capacity.py", "--variant", TINY, "--img-size", str(TINY_RES),
                         "--gpu", "H100-SXM"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert t.returncode == 0, t.stderr

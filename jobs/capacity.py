@@ -1,15 +1,15 @@
 """Capacity planner: compute, time, ZeRO-3 memory per GPU and data rate for a CoAtNet pretraining run.
 
-    python jobs/plan.py --variant coatnet_3 --img-size 224 --dataset jft-300m --epochs 14 \
+    python jobs/capacity.py --variant coatnet_3 --img-size 224 --dataset jft-300m --epochs 14 \
         --global-batch 4096 --gpu H100-SXM --num-gpus 64
-    python jobs/plan.py --config configs/coatnet_3_jft.yaml --gpu A100-40GB   # a recipe's settings
-    python jobs/plan.py --paper        # our FLOP count vs the paper's TPUv3-core-days
+    python jobs/capacity.py --config configs/coatnet_3_jft.yaml --gpu A100-40GB   # a recipe's settings
+    python jobs/capacity.py --paper        # our FLOP count vs the paper's TPUv3-core-days
 
 Exit status: 0 when the run fits in GPU memory at --num-gpus, 1 when it does not, 2 on bad input.
 
 FLOPs come from the model's own counter (models.count_flops, multiply-accumulates; FLOPs = 2 x MACs,
 training = 3 x forward). Activation memory is measured (saved-tensor hooks, forward + backward on
-the meta device). The logic lives in pipeline/plan.py.
+the meta device). The logic lives in pipeline/capacity.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipeline import plan as planner  # noqa: E402
+from pipeline import capacity as planner  # noqa: E402
 
 
 def _count(text: str) -> int:
@@ -35,9 +35,9 @@ def _count(text: str) -> int:
 
 def _from_recipe(path: str):
     """Inputs and ZeRO settings from a training recipe: the typed config (pipeline.config) and the
-    DeepSpeed config the trainer generates from it (pipeline.train.deepspeed_config)."""
+    DeepSpeed config the trainer generates from it (pipeline.engine.deepspeed_config)."""
     from pipeline.config import load_config
-    from pipeline.train import deepspeed_config
+    from pipeline.engine import deepspeed_config
 
     cfg = load_config(path)
     fields = {"variant": cfg.model.variant, "img_size": cfg.model.img_size,

@@ -1,4 +1,4 @@
-"""Capacity planning for CoAtNet pretraining with DeepSpeed ZeRO-3 (the logic behind `jobs/plan.py`).
+"""Capacity planning for CoAtNet pretraining with DeepSpeed ZeRO-3 (the logic behind `jobs/capacity.py`).
 
 What it answers, for a variant, resolution, dataset size, epochs, global batch, GPU type and count:
 
@@ -21,7 +21,7 @@ What it answers, for a variant, resolution, dataset size, epochs, global batch, 
 - the smallest GPU count that fits (with gradient accumulation when the micro-batch must shrink)
 - the data rate the loaders and object storage must sustain (images/s, MB/s).
 
-Everything is importable; ``jobs/plan.py`` is a thin CLI over ``plan()`` / ``format_plan()``.
+Everything is importable; ``jobs/capacity.py`` is a thin CLI over ``plan()`` / ``format_plan()``.
 """
 from __future__ import annotations
 

@@ -1,0 +1,79 @@
+"""Probes the end-to-end tests install in the training workers through ``train.callbacks``
+(the production loop has no test-only knobs). Each is built in every worker from its kwargs."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from pipeline.train import Callback
+
+
+def override(*callbacks: tuple[str, dict]) -> str:
+    """``train.callbacks=[...]`` for a job's command line: (class name in this module, kwargs)."""
+    specs = [{"target": f"tests.train_callbacks:{name}", "kwargs": kwargs} for name, kwargs in callbacks]
+    return "train.callbacks=" + json.dumps(specs)
+
+
+class PidFile(Callback):
+    """Each rank writes its pid to ``<dir>/rank<r>.pid`` (so a test can kill one worker)."""
+
+    def __init__(self, dir: str) -> None:
+        self.dir = dir
+
+    def on_start(self, *, rank: int, world_size: int) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, f"rank{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+class KeysLog(Callback):
+    """Each rank appends {"step", "keys"} per optimizer step to ``<dir>/keys.rank<r>.jsonl``."""
+
+    def __init__(self, dir: str) -> None:
+        self.dir, self.file = dir, None
+
+    def on_start(self, *, rank: int, world_size: int) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        self.file = open(os.path.join(self.dir, f"keys.rank{rank}.jsonl"), "a")
+
+    def on_step(self, step: int, keys: list[str]) -> None:
+        self.file.write(json.dumps({"step": step, "keys": keys}) + "\n")
+        self.file.flush()
+
+    def on_end(self, engine, *, rank: int) -> None:
+        self.file.close()
+
+
+class StepSleep(Callback):
+    """Sleep after every step, so that a test can act between steps."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step(self, step: int, keys: list[str]) -> None:
+        time.sleep(self.seconds)
+
+
+class DumpWeights(Callback):
+    """At the end: rank 0 saves the gathered live parameters to ``path``; every rank writes the
+    size of its ZeRO-3 partition to ``<path>.rank<r>.json``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_end(self, engine, *, rank: int) -> None:
+        import deepspeed
+
+        from pipeline.engine import partitions
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            if rank == 0:
+                torch.save({"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()}},
+                           self.path)
+        with open(f"{self.path}.rank{rank}.json", "w") as f:
+            json.dump({"partition_numel": sum(t.numel() for t in partitions(engine.module)),
+                       "total_numel": sum(p.ds_numel for p in params)}, f)
