@@ -113,6 +113,7 @@ def _zero3_rank(rank: int, world: int, port: int, variant: str, img: int, queue)
     })
 
 
+@pytest.mark.slow   # two DeepSpeed processes
 def test_zero3_memory_model_matches_a_measured_two_rank_run():
     import torch.multiprocessing as mp
 

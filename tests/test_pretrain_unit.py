@@ -94,6 +94,7 @@ for _ in range(6):
 """
 
 
+@pytest.mark.slow   # a DeepSpeed process
 def test_cpu_offload_engine_steps_with_deepspeed_cpu_adam(tmp_path):
     """ZeRO-Offload refuses torch's AdamW; the trainer must hand DeepSpeed its CPU Adam, and the
     offloaded engine must actually train (run in a subprocess: it owns a process group)."""
@@ -168,6 +169,7 @@ print(json.dumps({"partitioned": split(partitioned), "plain": split(plain),
 """
 
 
+@pytest.mark.slow   # a DeepSpeed process
 def test_weight_decay_split_is_the_same_under_zero_init(tmp_path):
     """Under zero.Init every parameter's own shape is empty; decay is decided by the full shape."""
     import json

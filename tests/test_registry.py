@@ -221,6 +221,7 @@ def test_promotion(trained, untrained, shards, tracking, tmp_path):
     assert sorted(str(v.version) for v in c.search_model_versions(f"name='{NAME}'")) == ["1", "2"]
 
 
+@pytest.mark.slow   # Ray Data
 def test_predict_files_and_shards_through_ray(trained, shards, tracking, tmp_path, ray_local):
     from pipeline.predict import iter_samples, predict
     from pipeline.promote import promote

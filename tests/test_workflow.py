@@ -84,6 +84,88 @@ def test_finetune_surgery_resizes_tables_and_replaces_head(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Stage keys and the stage runner (pure logic, no Ray)
+
+def _plan(**over):
+    from pipeline.workflow import WorkflowConfig, plan_stages
+
+    wf = {"name": "k", "pretrain": {"config": "configs/demo.yaml", "overrides": ["train.steps=10"]},
+          "finetune": [{"config": "configs/finetune_demo.yaml", "overrides": ["train.steps=5"]}]}
+    wf.update(over)
+    return plan_stages(WorkflowConfig.model_validate(wf))
+
+
+def test_stage_keys_follow_what_a_stage_computes():
+    base = _plan()
+    assert base.key == _plan().key and len(base.key) == 16           # deterministic
+    ft_key = base.finetune[0][2]
+    # another fine-tuning setting: that stage and the workflow change, pretraining does not
+    other_ft = _plan(finetune=[{"config": "configs/finetune_demo.yaml", "overrides": ["train.steps=6"]}])
+    assert other_ft.pretrain_key == base.pretrain_key and other_ft.finetune[0][2] != ft_key
+    assert other_ft.key != base.key
+    # another pretraining: every stage that consumes it changes too
+    other_pre = _plan(pretrain={"config": "configs/demo.yaml", "overrides": ["train.steps=11"]})
+    assert other_pre.pretrain_key != base.pretrain_key and other_pre.finetune[0][2] != ft_key
+    # where results are stored or tracked, probes and the description change nothing computed
+    same = _plan(storage_path="/elsewhere", tracking_uri="sqlite:////tmp/x.db", experiment="e2",
+                 description="words",
+                 pretrain={"config": "configs/demo.yaml", "overrides": [
+                     "train.steps=10", 'train.callbacks=[{"target": "tests.train_callbacks:StepSleep", '
+                     '"kwargs": {"seconds": 1}}]']})
+    assert same.pretrain_key == base.pretrain_key and same.finetune[0][2] == ft_key
+    # stage names carry the resolution, indexed when several fine-tunings run
+    two = _plan(finetune=[{"config": "configs/finetune_demo.yaml"}, {"config": "configs/finetune_demo.yaml",
+                                                                       "overrides": ["model.img_size=96"]}])
+    assert [n for n, _, _ in two.finetune] == ["finetune64-0", "finetune96-1"]
+
+
+def test_workflow_config_errors():
+    from pipeline.config import ConfigError
+    from pipeline.workflow import load_workflow
+
+    with pytest.raises(ConfigError, match="set pretrain"):
+        _plan(pretrain=None)
+    with pytest.raises(ConfigError, match="at least one stage"):
+        _plan(finetune=[])
+    with pytest.raises(ConfigError, match="promote.metric"):
+        load_workflow(None, ["promote.metric=accuracy"])
+
+
+def test_runner_runs_a_stage_once_then_skips_it(mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.workflow import Book, Runner, WorkflowResult
+
+    calls = []
+
+    def body(run_id):
+        calls.append(run_id)
+        return {"answer": 42}
+
+    for attempt in range(2):
+        book = Book(mlflow_uri, "runner-test", "wf-key", "t")
+        result = WorkflowResult(book.parent)
+        out = Runner(book, result).stage("evaluate", "stage-key", body)
+        assert out == {"answer": 42}
+        assert result.stages["evaluate"].skipped is (attempt == 1)
+    assert len(calls) == 1 and book.resumed
+    c = MlflowClient(mlflow_uri)
+    run = c.get_run(calls[0])
+    assert run.data.tags["workflow.status"] == "completed" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == book.parent
+    assert result.to_dict()["stages"]["evaluate"]["answer"] == 42 and result.skipped == ["evaluate"]
+
+    def broken(run_id):
+        raise RuntimeError("boom")
+
+    book = Book(mlflow_uri, "runner-test", "wf-key-2", "t")
+    with pytest.raises(RuntimeError):
+        Runner(book, WorkflowResult(book.parent)).stage("register", "other-key", broken)
+    assert c.get_run(book.parent).info.status == "FAILED"
+    assert book.completed("other-key") is None
+
+
+# ------------------------------------------------------------------------------------------------
 
 def _workflow_config(tmp: Path, uri: str) -> Path:
     data = str(tmp / "data")
