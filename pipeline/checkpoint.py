@@ -76,10 +76,31 @@ def read_state(directory: str) -> TrainState:
 # Save and resume (inside the workers: every rank calls these)
 # --------------------------------------------------------------------------------------------
 
-def save(engine, *, rank: int, state: TrainState, ema: list[torch.Tensor] | None = None) -> str:
-    """Write this rank's part of a checkpoint into a new local folder and return it; the caller
-    hands it to ``ray.train.report`` and removes it once reported (Ray has copied it to storage)."""
-    directory = tempfile.mkdtemp(prefix="ckpt-")
+def staging_prefix(run_key: str, rank: int) -> str:
+    """Local folders of a rank's checkpoints before upload: ``<tmp>/coatnet-ckpt-<name>-<hash>-r<rank>-*``."""
+    import hashlib
+
+    name = run_key.rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.sha256(run_key.encode()).hexdigest()[:8]
+    return os.path.join(tempfile.gettempdir(), f"coatnet-ckpt-{name}-{digest}-r{rank}-")
+
+
+def clear_staging(run_key: str, rank: int) -> int:
+    """Remove what a killed predecessor of this rank left before its upload finished. Returns how many."""
+    import glob
+    import shutil
+
+    stale = glob.glob(staging_prefix(run_key, rank) + "*")
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(stale)
+
+
+def save(engine, *, rank: int, state: TrainState, run_key: str, ema: list[torch.Tensor] | None = None) -> str:
+    """Write this rank's part of a checkpoint into a new local staging folder and return it; the
+    caller hands it to ``ray.train.report``, which uploads it and deletes it."""
+    prefix = staging_prefix(run_key, rank)
+    directory = tempfile.mkdtemp(prefix=os.path.basename(prefix), dir=os.path.dirname(prefix))
     engine.save_checkpoint(directory, tag=DS_TAG)
     if ema is not None:
         os.makedirs(os.path.join(directory, "ema"), exist_ok=True)

@@ -26,11 +26,12 @@ class ConfigError(PipelineError, ValueError):
     """An invalid config; the message names the field(s) and is meant for the user as-is."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """The base of every config section, here and in the workflow config: unknown keys are errors."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     variant: str = "coatnet_pico"
     img_size: int = Field(32, ge=32)                 # divisible by 32 (5 stride-2 stages)
     num_classes: int | None = Field(None, ge=1)      # None: from the training shard index
@@ -46,7 +47,7 @@ class ModelConfig(_Section):
         return v
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     root: str = "data/demo"               # dataset root (local path or fsspec URL)
     train_split: str = "train"
     val_split: str | None = "val"         # None: no evaluation
@@ -68,13 +69,13 @@ class DataConfig(_Section):
         return None if self.val_split is None else f"{self.root.rstrip('/')}/{self.val_split}"
 
 
-class CallbackSpec(_Section):
+class CallbackSpec(Section):
     """``target``: "module:Class", constructed in every worker as ``Class(**kwargs)``."""
     target: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     kwargs: dict[str, Any] = {}
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     global_batch: int = Field(64, ge=1)
     micro_batch: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -110,7 +111,7 @@ class TrainConfig(_Section):
         return self
 
 
-class ScalingConfig(_Section):
+class ScalingConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
@@ -118,7 +119,7 @@ class ScalingConfig(_Section):
     torch_threads: int | None = Field(None, ge=1)   # None: cpus_per_worker (CPU workers)
 
 
-class DeepSpeedConfig(_Section):
+class DeepSpeedConfig(Section):
     zero_stage: Literal[3] = 3
     offload: Literal["none", "cpu", "nvme"] = "none"
     nvme_path: str | None = None
@@ -132,20 +133,21 @@ class DeepSpeedConfig(_Section):
         return self
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     tracking_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "coatnet-pretrain"
     run_name: str | None = None         # None: storage.name
     system_metrics: bool = True         # MLflow's CPU/memory/GPU monitor on the rank-0 worker
     system_metrics_interval_s: float = Field(10.0, gt=0)
+    outage_timeout_s: float = Field(900.0, ge=0)   # how long a tracking-server outage is waited out at the end
 
 
-class StorageConfig(_Section):
+class StorageConfig(Section):
     storage_path: str = "runs"          # local folder or s3://bucket/prefix
     name: str = "demo"                  # Ray run name; the same name + storage_path resumes
 
 
-class InitConfig(_Section):
+class InitConfig(Section):
     """Start from existing weights (fine-tuning): an fp32 state dict file (``model.pt`` of a
     pretraining run, local or fsspec URL). Relative-position tables are resized to
     ``model.img_size``; a head whose shape differs is replaced (``reset_head``: always)."""
@@ -154,7 +156,7 @@ class InitConfig(_Section):
     strict: bool = True                 # missing/unexpected body keys are an error
 
 
-class Config(_Section):
+class Config(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig(steps=100)
@@ -256,10 +258,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|auth)", re.I)
 _URL_CREDS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+# query parameters that carry a credential: pre-signed S3 / GCS URLs, Azure SAS, bearer tokens
+_QUERY_CREDS = re.compile(
+    r"(?P<name>[?&;](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|"
+    r"X-Goog-Credential|Signature|AWSAccessKeyId|x-amz-security-token|sig|token|access_token|"
+    r"api_key|apikey|key|password|secret)=)[^&#\s'\"]*", re.I)
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with URL user info and credential-bearing query values replaced by '***'."""
+    text = _URL_CREDS.sub(r"\g<scheme>***@", text)
+    return _QUERY_CREDS.sub(r"\g<name>***", text)
 
 
 def scrub(value: Any, key: str = "") -> Any:
-    """Credential-like keys become '***'; user:pass@ in URLs is removed."""
+    """Credential-like keys become '***'; credentials inside URLs (user info, pre-signed query
+    parameters) are replaced. Applied to everything logged, printed or checkpointed."""
     if _SECRET_KEY.search(key):
         return "***"
     if isinstance(value, dict):
@@ -267,7 +281,7 @@ def scrub(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [scrub(v, key) for v in value]
     if isinstance(value, str):
-        return _URL_CREDS.sub(r"\g<scheme>***@", value)
+        return scrub_text(value)
     return value
 
 

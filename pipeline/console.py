@@ -33,6 +33,9 @@ class Console:
         self._lock = threading.Lock()
 
     def say(self, line: str, *, error: bool = False) -> None:
+        from pipeline.config import scrub_text
+
+        line = scrub_text(line)
         with self._lock:
             (self.err if error else self.out).write(line + "\n")
             (self.err if error else self.out).flush()
@@ -45,7 +48,9 @@ def say(line: str, *, error: bool = False) -> None:
     if _active is not None:
         _active.say(line, error=error)
     else:
-        print(line, file=sys.stderr if error else sys.stdout, flush=True)
+        from pipeline.config import scrub_text
+
+        print(scrub_text(line), file=sys.stderr if error else sys.stdout, flush=True)
 
 
 def default_log_path(job: str) -> str:

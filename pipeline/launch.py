@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 from pipeline import checkpoint
 from pipeline import tracking
-from pipeline.config import Config, ConfigError, flat_params, is_remote, resolve_paths, resolved_dict
+from pipeline.config import (Config, ConfigError, flat_params, is_remote, resolve_paths, resolved_dict,
+                             scrub_text)
 from pipeline.console import ProgressChannel, say
 from pipeline.train import TrainTask
 
@@ -215,7 +216,7 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
     run_id, resumed = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_key,
                                                  cfg.tracking.run_name, tags, flat_params(cfg))
     for k, v in (extra_tags or {}).items() if resumed else ():
-        tracking.client(uri).set_tag(run_id, k, v)
+        tracking.client(uri).set_tag(run_id, k, scrub_text(str(v)))
     task.mlflow_run_id = run_id
     say(f"MLflow run     {run_id} ({'continued' if resumed else 'new'}) in {uri}")
     previous = checkpoint.latest_checkpoint(run_key)
@@ -251,8 +252,10 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
         if not is_remote(cfg.storage.storage_path):
             keep = os.path.join(cfg.storage.storage_path, cfg.storage.name, checkpoint.WEIGHTS_FILE)
             shutil.copyfile(weights, keep)
-        tracking.finish_run(uri, run_id, weights_path=weights, resolved=resolved_dict(cfg),
-                            tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"})
+        tracking.with_retries(
+            lambda: tracking.finish_run(uri, run_id, weights_path=weights, resolved=resolved_dict(cfg),
+                                        tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"}),
+            timeout_s=cfg.tracking.outage_timeout_s, what="finishing the run", say=say)
         shutil.rmtree(out_dir, ignore_errors=True)
         weights = keep if not is_remote(cfg.storage.storage_path) else f"runs:/{run_id}/weights/{checkpoint.WEIGHTS_FILE}"
         steps = state.step

@@ -48,14 +48,16 @@ def get_or_create_run(uri: str, experiment: str, run_key: str, run_name: str,
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
-    key = run_key.replace("'", "")
+    from pipeline.config import scrub, scrub_text
+
+    key = scrub_text(run_key.replace("'", ""))
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
                           order_by=["attributes.start_time DESC"], max_results=1)
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = c.create_run(exp_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: key})
+    run = c.create_run(exp_id, run_name=run_name, tags=scrub({**tags, RUN_KEY_TAG: key}))
     from mlflow.entities import Param
 
     items = [Param(k, v) for k, v in params.items()]
@@ -65,12 +67,21 @@ def get_or_create_run(uri: str, experiment: str, run_key: str, run_name: str,
 
 
 class MetricsLogger:
-    """Rank-0 metric logging into an existing run (a no-op on other ranks)."""
+    """Rank-0 metric logging into an existing run (a no-op on other ranks) that survives a tracking
+    server outage: values that cannot be sent are kept (up to ``max_pending``, the oldest dropped
+    and counted beyond that) and sent with the next call that gets through. Training never waits
+    on the server: each attempt is one quick request (``fast_fail_env``)."""
 
-    def __init__(self, uri: str, run_id: str | None, enabled: bool = True) -> None:
+    def __init__(self, uri: str, run_id: str | None, enabled: bool = True, max_pending: int = 200_000,
+                 say=print) -> None:
         self.enabled = enabled and run_id is not None
         self.run_id = run_id
         self._c = client(uri) if self.enabled else None
+        self.pending: list = []
+        self.dropped = 0
+        self.max_pending = max_pending
+        self._say = say
+        self._down_since: float | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -80,7 +91,72 @@ class MetricsLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._c.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; False while the server is unreachable."""
+        import time
+
+        if not self.enabled or not self.pending:
+            return True
+        try:
+            while self.pending:
+                self._c.log_batch(self.run_id, metrics=self.pending[:1000])   # MLflow's batch limit
+                del self.pending[:1000]
+        except Exception as e:  # noqa: BLE001 - any failure to reach the server: keep and go on
+            if len(self.pending) > self.max_pending:
+                extra = len(self.pending) - self.max_pending
+                del self.pending[:extra]
+                self.dropped += extra
+            if self._down_since is None:
+                self._down_since = time.time()
+                self._say(f"tracking server unreachable ({type(e).__name__}); buffering metrics, training goes on")
+            return False
+        if self._down_since is not None:
+            self._say(f"tracking server back after {time.time() - self._down_since:.0f} s; buffered metrics sent")
+            self._down_since = None
+        return True
+
+    def close(self, timeout_s: float) -> None:
+        """Last flush, retried for up to ``timeout_s``; what is still pending then is counted as
+        dropped, and the count is logged once the server answers."""
+        import time
+
+        deadline = time.time() + timeout_s
+        while not self.flush() and time.time() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.time())))
+        if self.pending:
+            self.dropped += len(self.pending)
+            self.pending.clear()
+        if self.dropped:
+            self._say(f"{self.dropped} metric values could not be sent to the tracking server")
+
+
+def fast_fail_env() -> None:
+    """MLflow's HTTP client retries a failed request for minutes by default; in a training worker
+    one short attempt is right (MetricsLogger keeps what was not sent). Unless the user set them."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def with_retries(fn, *, timeout_s: float, what: str, say=print):
+    """``fn()`` retried with backoff while the tracking server is unreachable, for up to ``timeout_s``."""
+    import time
+
+    deadline, delay, told = time.time() + timeout_s, 1.0, False
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if time.time() + delay > deadline:
+                raise
+            if not told:
+                say(f"tracking server unreachable while {what} ({type(e).__name__}); retrying for up to "
+                    f"{timeout_s:.0f} s")
+                told = True
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 class SystemMetrics:
@@ -109,9 +185,11 @@ class SystemMetrics:
 
 def finish_run(uri: str, run_id: str, *, weights_path: str | None, resolved: dict[str, Any],
                tags: dict[str, str], status: str = "FINISHED") -> None:
+    from pipeline.config import scrub_text
+
     c = client(uri)
     for k, v in tags.items():
-        c.set_tag(run_id, k, v)
+        c.set_tag(run_id, k, scrub_text(str(v)))
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "resolved.json")
         with open(p, "w") as f:

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint
 from pipeline.checkpoint import TrainState
-from pipeline.config import CallbackSpec, Config
+from pipeline.config import CallbackSpec, Config, scrub, scrub_text
 from pipeline.engine import build_engine, compute_dtype, deepspeed_config, partitions
 from pipeline.evaluate import Scores
+from pipeline import tracking
 from pipeline.tracking import MetricsLogger, SystemMetrics
 
 
@@ -43,6 +44,7 @@ class TrainTask:
         return Config.model_validate(self.config)
 
     def say(self, line: str) -> None:
+        line = scrub_text(line)
         if self.progress is not None:
             self.progress.send(line)
         print(line, flush=True)        # the worker's own log keeps it too
@@ -138,6 +140,8 @@ def train_loop_per_worker(task: TrainTask) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    run_key = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}"
+    stale = checkpoint.clear_staging(run_key, rank)
     callbacks = build_callbacks(t.callbacks)
     for cb in callbacks:
         cb.on_start(rank=rank, world_size=world)
@@ -169,10 +173,12 @@ def train_loop_per_worker(task: TrainTask) -> None:
         if ema is not None and ema_loaded is not None:
             ema = ema_loaded
         if rank == 0:
-            task.say(f"resumed from step {step} ({samples_seen} samples seen)")
+            task.say(f"resumed from step {step} ({samples_seen} samples seen)"
+                     + (f"; removed {stale} unfinished local checkpoint folder(s)" if stale else ""))
 
     total, warmup = task.total_steps, task.warmup_steps
-    log = MetricsLogger(cfg.tracking.tracking_uri, task.mlflow_run_id, enabled=rank == 0)
+    tracking.fast_fail_env()
+    log = MetricsLogger(cfg.tracking.tracking_uri, task.mlflow_run_id, enabled=rank == 0, say=task.say)
     system = SystemMetrics(cfg.tracking, task.mlflow_run_id, enabled=rank == 0)
 
     def skipped_total() -> int:
@@ -182,10 +188,10 @@ def train_loop_per_worker(task: TrainTask) -> None:
 
     def save_and_report(metrics: dict[str, float]) -> None:
         state = TrainState(step=step, samples_seen=samples_seen, total_steps=total,
-                           loader=train_loader.state_dict(), config=task.config,
+                           loader=train_loader.state_dict(), config=scrub(task.config),
                            label_type=task.label_type, skipped_samples=skipped_total(),
                            mlflow_run_id=task.mlflow_run_id, world_size=world)
-        folder = checkpoint.save(engine, rank=rank, state=state, ema=ema)
+        folder = checkpoint.save(engine, rank=rank, state=state, run_key=run_key, ema=ema)
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_{step:08d}",
                          delete_local_checkpoint_after_upload=True)
@@ -253,3 +259,6 @@ def train_loop_per_worker(task: TrainTask) -> None:
     for cb in callbacks:
         cb.on_end(engine, rank=rank)
     system.stop()
+    log.close(timeout_s=cfg.tracking.outage_timeout_s)
+    if log.dropped:
+        log.log({"train/dropped_metric_values": log.dropped}, step)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from pipeline.config import Config, ConfigError, apply_overrides, config_from_dict, format_errors
+from pipeline.config import Config, ConfigError, Section, apply_overrides, config_from_dict, format_errors
 from pipeline.console import say
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,34 +39,30 @@ T_WF_KEY, T_WF_NAME = "workflow.key", "workflow.name"
 T_STAGE, T_KEY, T_STATUS, T_OUT = "workflow.stage", "workflow.stage_key", "workflow.status", "workflow.outputs"
 
 
-class _S(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StageSpec(_S):
+class StageSpec(Section):
     config: str | None = None              # YAML recipe (relative: to the cwd, then the repo)
     overrides: list[str] = []              # dotted section.key=value, applied after the YAML
 
 
-class EvaluateSpec(_S):
+class EvaluateSpec(Section):
     val: str | None = None                 # default: the last fine-tuning stage's val split
     batch_size: int = Field(64, ge=1)
     baseline: bool = True                  # also score the pretrained model at each new resolution
 
 
-class RegisterSpec(_S):
+class RegisterSpec(Section):
     name: str = "coatnet-demo"
     select: str = Field("best", pattern="^(best|last)$")   # which fine-tuned model to register
 
 
-class PromoteSpec(_S):
+class PromoteSpec(Section):
     enabled: bool = True
     alias: str = "champion"
     margin: float = 0.0
     metric: str | None = Field(None, pattern="^(top1|top5|precision_at_1|recall_at_5|mAP)$")  # None: by label type
 
 
-class WorkflowConfig(_S):
+class WorkflowConfig(Section):
     name: str = "demo"
     description: str = ""
     tracking_uri: str | None = None        # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db

@@ -3,11 +3,13 @@ loopback S3 (moto), MLflow on SQLite. One shared 2-worker run (module fixture) c
 assertions: it stores checkpoints on S3 and has one worker SIGKILLed from outside mid-run."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -125,6 +127,8 @@ def s3_run(s3_server, demo_root, tmp_path_factory):
         log.close()
     out = open(tmp / "job.log").read()
     assert rc == 0, out[-5000:]
+    staged = glob.glob(os.path.join(tempfile.gettempdir(), "coatnet-ckpt-s3run-*"))
+    assert staged == [], staged       # every local checkpoint folder was removed after its upload
     yield {"out": out, "uri": uri, "fs": fs, "bucket": bucket, "keys_dir": keys_dir, "dump": dump,
            "victim": victim, "killed_after": killed_after, "registered_at_kill": registered_at_kill, "seconds": time.time() - t0}
 
@@ -233,8 +237,10 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = str(tmp_path / "runs")
     keys_dir = str(tmp_path / "keys")
+    secret_url = "https://user:hunter2@example.com/d?X-Amz-Credential=AKIAXX&X-Amz-Signature=SECRETSIG"
     cmd = job_cmd(*tiny_overrides(demo_root, storage, "stopme", uri, steps=6),
-                  callbacks(("KeysLog", {"dir": keys_dir}), ("StepSleep", {"seconds": 0.5})))
+                  callbacks(("KeysLog", {"dir": keys_dir}), ("StepSleep", {"seconds": 0.5})),
+                  f"description=notes at {secret_url}")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -260,6 +266,8 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert_console_is_readable(out, steps=6)
+    # the killed run's unfinished local checkpoint folders were cleared by the re-run
+    assert glob.glob(os.path.join(tempfile.gettempdir(), "coatnet-ckpt-stopme-*")) == []
     resumed_at = int(out.split("resuming stopme from checkpoint_")[1].split()[0])
     assert 2 <= resumed_at < 6 and "steps          6" in out
     steps = [json.loads(x)["step"] for x in open(os.path.join(keys_dir, "keys.rank0.jsonl"))]
@@ -271,6 +279,12 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     _, runs = _run(uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["train/samples_seen"] == 6 * GLOBAL
+    # a credential in any URL of the config reaches no param, tag, console line or train state
+    logged = [*runs[0].data.params.values(), *runs[0].data.tags.values(), out,
+              open(f"{storage}/stopme/checkpoint_00000006/train_state.json").read()]
+    for secret in ("hunter2", "SECRETSIG", "AKIAXX"):
+        assert not any(secret in text for text in logged), secret
+    assert "X-Amz-Signature=***" in runs[0].data.params["description"]
 
 
 def assert_console_is_readable(out: str, *, steps: int) -> None:

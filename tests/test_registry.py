@@ -284,3 +284,61 @@ def test_clear_errors(trained, shards, tracking, tmp_path):
         r = _run_job(script, args, tracking, tmp_path)
         assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and r.stderr.strip().startswith("error:"), r.stderr[-2000:]
+
+
+def test_multi_label_model_is_evaluated_and_promoted_by_precision_at_1(tmp_path, tracking):
+    """A JFT / ImageNet-21K style model (sigmoid, multi-hot labels): evaluation gives precision@1,
+    recall@5 and mAP, and the promotion gate judges by precision@1 and names it in its record."""
+    import mlflow
+
+    import models
+    from pipeline.data import AugmentConfig, ShardIndex, StreamingLoader, write_demo_shards
+    from pipeline.evaluate import evaluate_model
+    from pipeline.promote import promote
+    from pipeline.spec import ModelSpec
+
+    root = tmp_path / "multi"
+    write_demo_shards(str(root), num_train=640, num_val=160, image_size=IMG, multi_label=True)
+    idx = ShardIndex.load(str(root / "train"))
+    assert idx.label_type == "multi"
+    augment = AugmentConfig.off()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    versions = []
+    for steps in (0, 120):                         # v1: untrained; v2: trained with sigmoid BCE
+        model = models.create_model(VARIANT, num_classes=idx.num_classes, img_size=IMG)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        loader = StreamingLoader(idx, batch_size=32, img_size=IMG, train=True, num_workers=0, augment=augment)
+        done = 0
+        while done < steps:
+            for batch in loader:
+                loss = F.binary_cross_entropy_with_logits(model(batch.images), batch.labels.float())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                done += 1
+                if done >= steps:
+                    break
+        spec = ModelSpec.for_data(model, VARIANT, idx, augment)
+        assert spec.label_type == "multi"
+        scores = evaluate_model(model.eval(), spec, str(root / "val"))
+        assert set(scores) == {"precision_at_1", "recall_at_5", "loss", "mAP", "num_samples"}
+        assert scores["num_samples"] == 160 and 0 <= scores["precision_at_1"] <= scores["recall_at_5"] <= 1
+        with mlflow.start_run():
+            from pipeline.registry import TAG_VAL_DATA, log_model
+
+            _, mv = log_model(model, spec, registered_model_name="coatnet-multi",
+                              version_tags={TAG_VAL_DATA: str(root / "val")})
+        versions.append((str(mv.version), scores))
+    torch.set_num_threads(threads)
+    (v1, s1), (v2, s2) = versions
+    print(f"multi-label: untrained P@1 {s1['precision_at_1']:.3f} mAP {s1['mAP']:.3f}; "
+          f"trained P@1 {s2['precision_at_1']:.3f} mAP {s2['mAP']:.3f}")
+    assert s2["precision_at_1"] > s1["precision_at_1"] and s2["mAP"] > s1["mAP"]
+    assert promote("coatnet-multi", v1).action == "initial"
+    d = promote("coatnet-multi", v2)
+    assert d.action == "promoted" and d.metric == "precision_at_1"
+    assert d.candidate_score == pytest.approx(s2["precision_at_1"], abs=1e-6)
+    tags = mlflow.MlflowClient().get_model_version("coatnet-multi", v2).tags
+    assert tags["promotion.metric"] == "precision_at_1"

@@ -1,0 +1,104 @@
+"""The MLflow tracking server goes away mid-run: training goes on, metrics are buffered and sent when
+the server is back, and the run ends FINISHED. A real `mlflow server` on loopback (SQLite store,
+proxied artifacts), stopped and restarted on the same port during a 2-worker ZeRO-3 run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import free_port
+from test_pretrain import job_cmd, tiny_overrides
+from train_callbacks import override as callbacks
+
+pytestmark = pytest.mark.slow
+STEPS = 14
+
+
+def start_server(tmp, port: int) -> subprocess.Popen:
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([mlflow, "server", "--backend-store-uri", f"sqlite:///{tmp}/store.db",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=open(tmp / f"server-{port}-{time.time():.0f}.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise AssertionError("mlflow server did not start")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """The server and its helper processes (one process group, ours)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_training_survives_a_tracking_server_outage(tmp_path, tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data import write_demo_shards
+
+    data = str(tmp_path / "demo")
+    write_demo_shards(data, num_train=256, num_val=64, image_size=32, samples_per_shard=32)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "job.log", "w")
+    job = subprocess.Popen(job_cmd(*tiny_overrides(data, str(tmp_path / "runs"), "outage", uri, steps=STEPS),
+                                   "train.checkpoint_every=0", "tracking.system_metrics=false",
+                                   callbacks(("StepSleep", {"seconds": 1.0}))),
+                           cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        c = MlflowClient(uri)
+        deadline = time.time() + 420
+
+        def logged_steps() -> list[int]:
+            exp = c.get_experiment_by_name("test-pretrain")
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            return sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")) if runs else []
+        while len(logged_steps()) < 2:
+            assert job.poll() is None and time.time() < deadline, open(tmp_path / "job.log").read()[-3000:]
+            time.sleep(0.5)
+        stop_server(server)                           # the outage: several steps long
+        down_at = time.time()
+        time.sleep(8)
+        assert job.poll() is None, open(tmp_path / "job.log").read()[-3000:]   # training went on
+        server = start_server(tmp_path, port)
+        outage_s = time.time() - down_at
+        rc = job.wait(timeout=420)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=60)
+        log.close()
+    try:
+        out = open(tmp_path / "job.log").read()
+        assert rc == 0, out[-5000:]
+        assert "tracking server unreachable" in out and "buffered metrics sent" in out, out[-3000:]
+        exp = c.get_experiment_by_name("test-pretrain")
+        (run,) = c.search_runs([exp.experiment_id])
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "train/loss"))
+        assert steps == list(range(1, STEPS + 1)), steps       # every step, the outage's included
+        assert "train/dropped_metric_values" not in run.data.metrics
+        assert {a.path for a in c.list_artifacts(run.info.run_id, "weights")} == {"weights/model.pt"}
+        print(f"outage of {outage_s:.0f} s during a {STEPS}-step run: nothing lost")
+    finally:
+        stop_server(server)
