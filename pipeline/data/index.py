@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import IO, Any, Literal, overload
 
 import numpy as np
 import pyarrow as pa
@@ -56,19 +57,27 @@ class ShardInfo:
 
 
 class ShardTable(Sequence[ShardInfo]):
-    """The shard rows of an index as columns; ``table[i]`` builds one ``ShardInfo`` on demand."""
+    """The shard rows of an index as numpy columns; ``table[i]`` builds one ``ShardInfo`` on
+    demand. URLs are one UTF-8 byte array plus offsets (Arrow's string layout, held in numpy so
+    that slicing and ``take`` need none of Arrow's compute kernels, ~30 MB to initialise)."""
 
-    __slots__ = ("urls", "num_samples", "size_bytes", "sha256")
+    __slots__ = ("url_offsets", "url_bytes", "num_samples", "size_bytes", "sha256")
 
-    def __init__(self, urls: pa.Array, num_samples: np.ndarray, size_bytes: np.ndarray,
-                 sha256: np.ndarray) -> None:
-        n = len(urls)
-        if not (len(num_samples) == len(size_bytes) == len(sha256) == n) or sha256.shape[1:] != (32,):
-            raise ValueError("shard columns differ in length, or sha256 is not [n, 32] bytes")
-        self.urls: pa.StringArray = urls.cast(pa.string()) if urls.type != pa.string() else urls
+    def __init__(self, urls: Sequence[str] | pa.Array | tuple[np.ndarray, np.ndarray],
+                 num_samples: np.ndarray, size_bytes: np.ndarray, sha256: np.ndarray) -> None:
+        if isinstance(urls, tuple) and len(urls) == 2 and isinstance(urls[0], np.ndarray):
+            offsets, data = urls
+        else:
+            offsets, data = _string_columns(urls if isinstance(urls, pa.Array) else pa.array(list(urls), pa.string()))
+        self.url_offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.url_bytes = np.ascontiguousarray(data, dtype=np.uint8)
         self.num_samples = np.ascontiguousarray(num_samples, dtype=np.int64)
         self.size_bytes = np.ascontiguousarray(size_bytes, dtype=np.int64)
         self.sha256 = np.ascontiguousarray(sha256, dtype=np.uint8)
+        n = len(self.url_offsets) - 1
+        if not (len(self.num_samples) == len(self.size_bytes) == len(self.sha256) == n) \
+                or self.sha256.shape[1:] != (32,):
+            raise ValueError("shard columns differ in length, or sha256 is not [n, 32] bytes")
 
     @classmethod
     def from_infos(cls, shards: Sequence[ShardInfo]) -> ShardTable:
@@ -76,13 +85,13 @@ class ShardTable(Sequence[ShardInfo]):
         for i, s in enumerate(shards):
             if s.sha256:
                 sha[i] = np.frombuffer(bytes.fromhex(s.sha256), dtype=np.uint8)
-        return cls(pa.array([s.url for s in shards], pa.string()),
+        return cls([s.url for s in shards],
                    np.array([s.num_samples for s in shards], dtype=np.int64),
                    np.array([-1 if s.size_bytes is None else s.size_bytes for s in shards], dtype=np.int64),
                    sha)
 
     def __len__(self) -> int:
-        return len(self.urls)
+        return len(self.url_offsets) - 1
 
     @overload
     def __getitem__(self, i: int) -> ShardInfo: ...
@@ -105,9 +114,7 @@ class ShardTable(Sequence[ShardInfo]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ShardTable):
             return NotImplemented
-        return (self.urls.equals(other.urls) and np.array_equal(self.num_samples, other.num_samples)
-                and np.array_equal(self.size_bytes, other.size_bytes)
-                and np.array_equal(self.sha256, other.sha256))
+        return all(np.array_equal(getattr(self, a), getattr(other, a)) for a in self.__slots__)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -115,7 +122,7 @@ class ShardTable(Sequence[ShardInfo]):
         return f"ShardTable({len(self)} shards, {int(self.num_samples.sum())} samples)"
 
     def url(self, i: int) -> str:
-        return self.urls[i].as_py()
+        return self.url_bytes[self.url_offsets[i]:self.url_offsets[i + 1]].tobytes().decode()
 
     def sha256_hex(self, i: int) -> str | None:
         digest = self.sha256[i].tobytes()
@@ -124,7 +131,11 @@ class ShardTable(Sequence[ShardInfo]):
     def take(self, rows: np.ndarray) -> ShardTable:
         """The rows ``rows`` (a copy: a loader worker gets its own shards, not the whole index)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return ShardTable(self.urls.take(pa.array(rows)), self.num_samples[rows],
+        starts, stops = self.url_offsets[rows], self.url_offsets[rows + 1]
+        lengths = stops - starts
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return ShardTable((offsets, self.url_bytes[gather]), self.num_samples[rows],
                           self.size_bytes[rows], self.sha256[rows])
 
     @property
@@ -133,37 +144,67 @@ class ShardTable(Sequence[ShardInfo]):
 
     def digest(self) -> str:
         """sha256 over the columns (URLs, counts, sizes, checksums): the index fingerprint."""
-        urls = self.urls
-        offsets = np.frombuffer(urls.buffers()[1], dtype=np.int32)[urls.offset:urls.offset + len(urls) + 1]
-        data = urls.buffers()[2]
         h = hashlib.sha256(INDEX_FORMAT.encode() + b"\0")
-        h.update((offsets - offsets[0]).astype("<i8").tobytes())
-        if data is not None:
-            h.update(memoryview(data)[int(offsets[0]):int(offsets[-1])])
-        for column in (self.num_samples, self.size_bytes):
+        for column in (self.url_offsets - self.url_offsets[0], self.num_samples, self.size_bytes):
             h.update(column.astype("<i8").tobytes())
+        h.update(self.url_bytes[self.url_offsets[0]:self.url_offsets[-1]].tobytes())
         h.update(self.sha256.tobytes())
         return h.hexdigest()[:16]
 
     def to_arrow(self) -> pa.Table:
+        n = len(self)
+        large = int(self.url_offsets[-1]) >= 2**31
+        urls = pa.Array.from_buffers(pa.large_string() if large else pa.string(), n, [
+            None, pa.py_buffer(self.url_offsets.astype(np.int64 if large else np.int32).tobytes()),
+            pa.py_buffer(self.url_bytes.tobytes())])
         return pa.table({
-            "url": self.urls,
+            "url": urls,
             "num_samples": pa.array(self.num_samples),
             "size_bytes": pa.array(self.size_bytes),
-            "sha256": pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(self),
+            "sha256": pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), n,
                                                             [None, pa.py_buffer(self.sha256.tobytes())]),
         })
 
     @classmethod
     def from_arrow(cls, table: pa.Table) -> ShardTable:
-        sha = table.column("sha256").combine_chunks()
+        def column(name: str) -> pa.Array:
+            chunks = table.column(name).chunks
+            return chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
+
+        sha = column("sha256")
         if sha.type != pa.binary(32) or sha.null_count:
             raise ValueError(f"column sha256 is {sha.type} with {sha.null_count} nulls, "
                              f"expected non-null fixed_size_binary[32]")
         raw = np.frombuffer(sha.buffers()[1], dtype=np.uint8)
         raw = raw[sha.offset * 32:(sha.offset + len(sha)) * 32].reshape(-1, 32)
-        return cls(table.column("url").combine_chunks(),
-                   table.column("num_samples").to_numpy(), table.column("size_bytes").to_numpy(), raw)
+        offsets, url_bytes = _string_columns(column("url"))
+        return cls((offsets, _file_backed(url_bytes)), column("num_samples").to_numpy(),
+                   column("size_bytes").to_numpy(), _file_backed(raw))
+
+
+def _file_backed(array: np.ndarray) -> np.ndarray:
+    """``array`` moved to an unlinked temporary file and memory-mapped read-only: the columns a
+    process only reads a few rows of (checksums, URL bytes) live in the page cache, shared with
+    forked loader workers and evictable, instead of on the heap. Small arrays stay as they are."""
+    if array.nbytes < 1 << 20:
+        return array
+    with tempfile.TemporaryFile(prefix="shard-index-") as f:
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        f.flush()
+        return np.memmap(f, dtype=array.dtype, mode="r", shape=array.shape)
+
+
+def _string_columns(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets starting at 0, UTF-8 bytes) of an Arrow string array, without nulls."""
+    if array.null_count:
+        raise ValueError("a shard URL is null")
+    if array.type not in (pa.string(), pa.large_string()):
+        raise ValueError(f"shard URLs are {array.type}, expected strings")
+    width = np.int64 if array.type == pa.large_string() else np.int32
+    offsets = np.frombuffer(array.buffers()[1], dtype=width)[array.offset:array.offset + len(array) + 1]
+    data = array.buffers()[2]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return (offsets - offsets[0]).astype(np.int64), raw[int(offsets[0]):int(offsets[-1])]
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,9 +321,18 @@ class ShardIndex:
         return buf.getvalue()
 
     @classmethod
-    def from_parquet_bytes(cls, data: bytes, root: str, where: str) -> ShardIndex:
+    def from_parquet(cls, f: IO[bytes], root: str, where: str) -> ShardIndex:
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            # ParquetFile.read, not pq.read_table: that imports pyarrow.dataset (~50 MB). One
+            # thread: the file is small and the decoding arenas of many threads cost more memory.
+            # The system allocator: mimalloc (Arrow's default) keeps the decoding scratch, about as
+            # much again as the columns, for the life of the process.
+            pool = pa.default_memory_pool()
+            pa.set_memory_pool(pa.system_memory_pool())
+            try:
+                table = pq.ParquetFile(f).read(use_threads=False)
+            finally:
+                pa.set_memory_pool(pool)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"shard index {redact_url(where)} is not a readable Parquet file: "
                             f"{str(exc).splitlines()[0]}") from None
@@ -325,16 +375,17 @@ class ShardIndex:
         """Load ``url``: a split folder such as ``s3://b/ds/train`` (index.parquet, else
         index.json), or an index file itself."""
         index_url = cls.index_url(url, storage_options)
+        root = parent_url(index_url)
         try:
+            if index_url.endswith(".parquet"):
+                with open_file(index_url, "rb", storage_options) as f:
+                    return cls.from_parquet(f, root, index_url)
             data = read_bytes(index_url, storage_options)
         except FileNotFoundError:
             where = index_url if url.endswith((".json", ".parquet")) else \
                 f"{join_url(url, INDEX_FILENAME)} (nor {JSON_INDEX_FILENAME})"
             raise DataError(f"no shard index at {redact_url(where)}: write shards there first "
                             f"(python jobs/make_shards.py SOURCE DEST)") from None
-        root = parent_url(index_url)
-        if index_url.endswith(".parquet"):
-            return cls.from_parquet_bytes(data, root, index_url)
         try:
             parsed = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
