@@ -42,7 +42,9 @@ says (a truncated copy): its complete leading samples are used and the rest coun
 truncated. A tar that stops early although the file has its full size has a corrupt header, and
 is reported as such. When an epoch's skipped samples exceed
 ``max_skip_fraction`` of the rank's planned samples the loader raises ``DataError`` naming them.
-Skipped samples count as consumed, so a resume never meets them again.
+Skipped samples count as consumed, so a resume never meets them again. A batch whose samples
+were all skipped is still yielded, EMPTY (``len(batch) == 0``): every rank must run the same
+number of steps, so the trainer runs it as a step that contributes nothing.
 """
 from __future__ import annotations
 
@@ -744,9 +746,6 @@ class StreamingLoader:
                     f"{self._skipped_in_epoch} of {self._rank_samples} samples of rank "
                     f"{self.plan.rank} skipped in epoch {self._epoch}, over the allowed "
                     f"{self.max_skip_fraction:.3%}:\n  {listed}")
-        if len(batch) == 0:
-            raise DataError(f"batch {batch.index} of epoch {batch.epoch} has no readable sample: "
-                            + "; ".join(str(s) for s in batch.skipped[:5]))
 
     def __iter__(self) -> Iterator[Batch]:
         if self.batches_remaining == 0:

@@ -159,9 +159,10 @@ def parse_labels(files: dict[str, bytes], label_type: str, num_classes: int) -> 
     return label
 
 
-def _pil_to_rgb8(image: Image.Image) -> torch.Tensor:
-    """Any PIL mode -> uint8 [3, H, W]: 16-bit and 32-bit greyscale scaled down, palette and
-    alpha images flattened (alpha dropped, as torchvision's RGB mode does), CMYK converted."""
+def pil_to_rgb8(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3]: 16-bit and 32-bit greyscale scaled down (PIL's own
+    convert would clip them to white), palette and alpha images flattened (alpha dropped, as
+    torchvision's RGB mode does), CMYK converted."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
@@ -169,8 +170,7 @@ def _pil_to_rgb8(image: Image.Image) -> torch.Tensor:
         image = Image.fromarray(grey, mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
-    rgb = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    return np.asarray(image.convert("RGB"))
 
 
 def decode_rgb8(image_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
@@ -189,9 +189,8 @@ def decode_rgb8(image_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tor
             image = (image.to(torch.float32) * (255.0 / torch.iinfo(image.dtype).max)).round().to(torch.uint8)
     except Exception:
         try:   # what torchvision's decoders refuse (e.g. some CMYK JPEGs, 16-bit greyscale), PIL converts
-            Image.MAX_IMAGE_PIXELS = max_pixels
             with Image.open(io.BytesIO(image_bytes)) as pil:
-                image = _pil_to_rgb8(pil)
+                image = torch.from_numpy(pil_to_rgb8(pil).copy()).permute(2, 0, 1).contiguous()
         except Exception as exc:
             raise BadSample(f"corrupt image ({type(exc).__name__})") from exc
     if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.demo import DEMO_CLASSES, demo_jpeg
 from pipeline.data.index import LabelType, ShardIndex, ShardInfo
+from pipeline.data.reader import pil_to_rgb8
 from pipeline.data.storage import (DataError, RetryPolicy, call_with_retry, exists, is_url,
                                    join_url, open_file, parent_url, read_bytes, redact_url,
                                    resolve_url, url_to_fs)
@@ -302,16 +303,23 @@ def _encode_image(data: bytes, options: ShardOptions) -> tuple[bytes, str]:
         image = Image.open(io.BytesIO(data))
         image_format = image.format
         image.load()   # a full decode: corrupt or truncated files fail here, not in training
+    except Image.DecompressionBombError as exc:
+        raise _BadInput(f"decompression bomb ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise _BadInput(f"corrupt or unsupported image ({type(exc).__name__})") from exc
+    except Exception as exc:   # a decoder bug on a hostile file must not end the split
+        raise _BadInput(f"unreadable image ({type(exc).__name__}: {exc})") from exc
     too_big = options.max_side is not None and max(image.size) > options.max_side
     if image_format in _STORED_FORMATS and not too_big and not options.reencode:
         return data, _STORED_FORMATS[image_format]
-    image = image.convert("RGB")
-    if too_big:
-        image.thumbnail((options.max_side, options.max_side), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=options.quality)
+    try:
+        image = Image.fromarray(pil_to_rgb8(image))
+        if too_big:
+            image.thumbnail((options.max_side, options.max_side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=options.quality)
+    except Exception as exc:
+        raise _BadInput(f"cannot convert to 8-bit RGB ({type(exc).__name__}: {exc})") from exc
     return buf.getvalue(), "jpg"
 
 
