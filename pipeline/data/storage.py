@@ -109,7 +109,8 @@ def is_url(path: str) -> bool:
     """Whether ``path`` names its filesystem by a scheme (``s3://``, ``gs://``, ``file://``,
     ``memory://``...), i.e. must be opened through fsspec by that protocol, rather than being a
     plain local path. Says nothing about remoteness (``file://`` is a URL here) and nothing about
-    ``models:/`` or ``runs:/`` URIs, which have no ``//``."""
+    ``models:/`` or ``runs:/`` URIs, which have no ``//``. (``pipeline.config.is_url`` is another
+    question - "is this not a local path to make absolute?" - and answers False for ``file://``.)"""
     return "://" in path
 
 
