@@ -1,8 +1,9 @@
 """Streaming data pipeline: WebDataset shards + index on any fsspec storage, exact rank/worker
-split, torchvision v2 transforms, resumable position. The contract is in docs/DESIGN.md."""
+split, torchvision v2 transforms, elastic resumable position. The contract is in docs/DESIGN.md."""
 from pipeline.data.demo import DEMO_CLASSES, demo_sample
-from pipeline.data.index import ShardIndex, ShardInfo
+from pipeline.data.index import ShardIndex, ShardInfo, ShardTable
 from pipeline.data.loader import Batch, LoaderStats, SkippedSample, StreamingLoader
+from pipeline.data.reader import ShardSample, iter_shard_samples
 from pipeline.data.storage import DataError, RetryPolicy, register_webdataset_handlers
 from pipeline.data.transforms import AugmentConfig
 from pipeline.data.writer import (ShardOptions, WriteSummary, list_image_folder, read_manifest,
@@ -10,7 +11,7 @@ from pipeline.data.writer import (ShardOptions, WriteSummary, list_image_folder,
 
 __all__ = [
     "AugmentConfig", "Batch", "DEMO_CLASSES", "DataError", "LoaderStats", "RetryPolicy",
-    "ShardIndex", "ShardInfo", "ShardOptions", "SkippedSample", "StreamingLoader", "WriteSummary",
-    "demo_sample", "list_image_folder", "read_manifest", "register_webdataset_handlers",
+    "ShardIndex", "ShardInfo", "ShardOptions", "ShardSample", "ShardTable", "SkippedSample", "StreamingLoader", "WriteSummary",
+    "demo_sample", "iter_shard_samples", "list_image_folder", "read_manifest", "register_webdataset_handlers",
     "write_demo_shards", "write_shards",
 ]

@@ -1,62 +1,74 @@
-"""Streaming reader: exact (rank, worker) split, equal batch counts, resumable position.
+"""Streaming reader: exact (rank, worker) split, equal batch counts, elastic resumable position.
 
-Planning (the same pure function on every rank and worker, from the index's per-shard counts):
+Planning (the same pure function on every rank, vectorised with numpy, run once per epoch in the
+rank's main process; each DataLoader worker receives only its own stream's plan and shard rows):
 
 - finite epoch: the shards are permuted with ``(seed, epoch)``; their samples, concatenated, form
-  one sequence of N samples. Rank r takes a contiguous slice of ``N // W`` or ``N // W + 1``
-  samples and splits it into ``L = ceil(ceil(N / W) / B)`` batches on EVERY rank: full batches
-  first, the deficit taken from the last batches (so a rank's last batches may be short by a few
-  samples; none is empty). Every sample is read exactly once and every rank yields exactly L
-  batches - neither padding nor dropping. (``drop_last=True`` instead yields only full batches,
-  ``N // (W * B)`` per rank, leaving the epoch's tail unread.)
+  one sequence of N global positions. Rank r takes a contiguous slice of ``N // W`` or
+  ``N // W + 1`` samples and splits it into ``L = ceil(ceil(N / W) / B)`` batches on EVERY rank:
+  full batches first, the deficit taken from the last batches (so a rank's last batches may be
+  short by a few samples; none is empty). Every sample is read exactly once and every rank yields
+  exactly L batches - neither padding nor dropping. (``drop_last=True`` instead yields only full
+  batches, ``N // (W * B)`` per rank, leaving the epoch's tail unread.)
 - a rank's batch j belongs to its stream ``j % K`` (K = DataLoader workers, or 1 without
   workers), matching the DataLoader's round-robin; stream k reads a contiguous slice of the rank's
   samples, so each shard is streamed sequentially by one reader (two at slice boundaries).
 - resampled mode (``samples_per_epoch``): each stream draws whole shards with replacement
-  (probability proportional to their sample count) from ``(seed, epoch, rank, stream)``; every
-  rank yields ``samples_per_epoch // (W * B)`` full batches.
+  (probability proportional to their sample count) from ``(seed, epoch, rank, stream)``, as many
+  as its batches need; every rank yields ``samples_per_epoch // (W * B)`` full batches.
 
 Within a stream, the read order is shuffled with a shuffle buffer that runs on sample POSITIONS
 (known from the index) rather than on data: the order a stream yields is a pure function of the
-plan, so a restored state ``consumed[k]`` (batches of stream k handed to the trainer) tells
-exactly which positions were consumed. On resume they are not decoded again: shards whose samples
-were all consumed are not opened, and the one partly consumed shard per stream is streamed past
-without decoding. Augmentation randomness is seeded per batch, so a resumed epoch yields the same
-batches an uninterrupted one would have (the batch order across workers may differ).
+plan, so ``consumed[k]`` (batches of stream k handed to the trainer, the same on every rank)
+tells exactly which positions were consumed. On resume they are not decoded again: shards whose
+samples were all consumed are not opened. Augmentation randomness is seeded per batch, so a
+resumed epoch yields the same batches an uninterrupted one would have.
 
-Bad data: a corrupt image, missing / out-of-range label, truncated tar or unopenable shard is
-skipped and counted (shard, key, reason); object-storage errors are retried with backoff first.
-When an epoch's skipped samples exceed ``max_skip_fraction`` of the rank's planned samples the
-loader raises ``DataError`` naming them. The reader that starts a shard hashes all of it (reading
-the tail raw when the shard is split between readers); a sha256 different from the index's is a
-``DataError`` at once. Not verified: shards whose head was consumed before a resume.
+Elastic resume (another world size or worker count mid-epoch; docs/DESIGN.md has the proof
+sketch): the state lists the epoch's GENERATIONS, one per plan the epoch ran under, each with its
+world size, streams, shuffle buffer and per-stream consumed counts. Generation 0 plans over the
+epoch's full sequence R0; generation g+1 plans, exactly as above, over R(g+1) = R(g) minus the
+positions generation g consumed, in R(g)'s order. A position of R(g+1) is mapped back to a
+global position through the generations; only the old streams a new rank's slice overlaps are
+replayed (their shuffle order recomputed), so every remaining sample is read exactly once and
+every rank still gets the same number of batches.
+
+Bad data: every per-sample failure (decode, conversion to 8-bit RGB, label, transform, shape) is
+skipped and counted (shard, key, reason); so are truncated or corrupt tars and unopenable shards,
+after object-storage errors were retried with backoff for ``RetryPolicy.timeout_s``. A shard with
+a sha256 in the index is downloaded and verified before any of its samples is used; a mismatch
+skips the whole shard (counted, reported). The one exception is a file SHORTER than the index
+says (a truncated copy): its complete leading samples are used and the rest counted as
+truncated. A tar that stops early although the file has its full size has a corrupt header, and
+is reported as such. When an epoch's skipped samples exceed
+``max_skip_fraction`` of the rank's planned samples the loader raises ``DataError`` naming them.
+Skipped samples count as consumed, so a resume never meets them again. A batch whose samples
+were all skipped is still yielded, EMPTY (``len(batch) == 0``): every rank must run the same
+number of steps, so the trainer runs it as a step that contributes nothing.
 """
 from __future__ import annotations
 
-import bisect
-import hashlib
 import itertools
-import json
 import math
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 
-from pipeline.data.index import ShardIndex
+from pipeline.data.index import ShardIndex, ShardTable
+from pipeline.data.reader import (DEFAULT_MAX_PIXELS, BadSample, ChecksumMismatch, CountingReader,
+                                  decode_sample, fetch_verified, tar_samples)
 from pipeline.data.storage import (DataError, RetryPolicy, is_retryable, open_file, redact_url,
-                                   register_webdataset_handlers)
+                                   register_webdataset_handlers, resolve_url)
 from pipeline.data.transforms import (AugmentConfig, batch_mixer, crop_transform, make_targets,
                                        normalize)
 
-STATE_VERSION = 1
-_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+STATE_VERSION = 2
 _MAX_SKIP_RECORDS = 1000
 
 
@@ -81,7 +93,7 @@ class Batch:
     targets: torch.Tensor           # float [B, C]: smoothed, mixed (train); one/multi-hot (eval)
     keys: list[str]
     epoch: int
-    index: int                      # position of this batch in the rank's epoch
+    index: int                      # position of this batch in the rank's epoch (generation)
     stream: int                     # which reader (DataLoader worker) made it
     skipped: list[SkippedSample] = field(default_factory=list)   # since the stream's last batch
     retries: int = 0                # storage retries since the stream's last batch
@@ -109,25 +121,7 @@ class LoaderStats:
 
 
 @dataclass(frozen=True)
-class Segment:
-    shard: int
-    start: int      # sample index within the shard
-    stop: int
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    batch_sizes: tuple[int, ...]              # this stream's batches, in order
-    batch_indices: tuple[int, ...]            # their positions in the rank's epoch
-    num_samples: int | None                   # None: resampled (infinite) stream
-    segments: Callable[[], Iterator[Segment]]
-
-
-@dataclass(frozen=True)
-class _PlanConfig:
+class PlanConfig:
     world_size: int
     rank: int
     num_streams: int
@@ -136,6 +130,35 @@ class _PlanConfig:
     shuffle: bool
     drop_last: bool
     samples_per_epoch: int | None
+    shuffle_buffer: int = 1000
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One plan an epoch ran under, and how far each of its streams got (batches handed out,
+    the same on every rank)."""
+    world_size: int
+    num_streams: int
+    batch_size: int
+    drop_last: bool
+    shuffle_buffer: int
+    consumed: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What one stream reads in one epoch: its batches and, per local position, the row of its
+    shard in ``shards`` and the sample's index in that shard (ascending within a shard)."""
+    batch_sizes: tuple[int, ...]
+    batch_indices: tuple[int, ...]
+    shards: ShardTable
+    position_shard: np.ndarray     # int32 [n]: row in ``shards``
+    position_offset: np.ndarray    # int32 [n]: sample index within the shard
+    finite: bool                   # False: resampled (drawn beyond what the batches need)
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.position_shard)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +182,8 @@ def _split_sizes(num_samples: int, num_batches: int, batch_size: int) -> list[in
     return sizes
 
 
-def rank_batch_sizes(num_samples: int, cfg: _PlanConfig) -> tuple[int, int, list[int]]:
-    """(first sample of the rank in the epoch sequence, samples of the rank, its batch sizes)."""
+def rank_batch_sizes(num_samples: int, cfg: PlanConfig) -> tuple[int, int, list[int]]:
+    """(first sample of the rank in the sequence, samples of the rank, its batch sizes)."""
     W, B, r = cfg.world_size, cfg.batch_size, cfg.rank
     if cfg.samples_per_epoch is not None:
         batches = max(1, cfg.samples_per_epoch // (W * B))
@@ -180,46 +203,14 @@ def rank_batch_sizes(num_samples: int, cfg: _PlanConfig) -> tuple[int, int, list
     return r * q + min(r, rem), mine, _split_sizes(mine, batches, B)
 
 
-def _segments_of_range(order: Sequence[int], counts: Sequence[int], cumulative: Sequence[int],
-                       start: int, stop: int) -> list[Segment]:
-    """The pieces of ``[start, stop)`` of the concatenation of shards ``order``."""
-    segments = []
-    i = bisect.bisect_right(cumulative, start) - 1
-    pos = start
-    while pos < stop:
-        shard_start = cumulative[i]
-        end = min(stop, cumulative[i + 1])
-        if end > pos:
-            segments.append(Segment(int(order[i]), pos - shard_start, end - shard_start))
-        pos = end
-        i += 1
-    return segments
-
-
-def plan_stream(counts: Sequence[int], epoch: int, stream: int, cfg: _PlanConfig) -> StreamPlan:
-    """What stream ``stream`` of rank ``cfg.rank`` reads in ``epoch``."""
-    rank_start, _, sizes = rank_batch_sizes(sum(counts), cfg)
+def stream_slice(num_samples: int, cfg: PlanConfig, stream: int
+                 ) -> tuple[int, list[int], list[int]]:
+    """(first position of the stream in the sequence, its batch sizes, their indices in the rank)."""
+    rank_start, _, sizes = rank_batch_sizes(num_samples, cfg)
     K = cfg.num_streams
     mine = list(range(stream, len(sizes), K))
-    my_sizes = tuple(sizes[j] for j in mine)
-
-    if cfg.samples_per_epoch is not None:
-        probabilities = np.asarray(counts, dtype=np.float64) / sum(counts)
-
-        def resampled() -> Iterator[Segment]:
-            rng = _rng(cfg.seed, epoch, cfg.rank, stream, 2)
-            while True:
-                for shard in rng.choice(len(counts), size=256, p=probabilities):
-                    yield Segment(int(shard), 0, counts[shard])
-
-        return StreamPlan(my_sizes, tuple(mine), None, resampled)
-
-    order = _rng(cfg.seed, epoch, 0).permutation(len(counts)) if cfg.shuffle else np.arange(len(counts))
-    ordered_counts = [counts[i] for i in order]
-    cumulative = [0, *itertools.accumulate(ordered_counts)]
-    offset = rank_start + sum(sizes[j] for j in range(len(sizes)) if j % K < stream)
-    segments = _segments_of_range(order, counts, cumulative, offset, offset + sum(my_sizes))
-    return StreamPlan(my_sizes, tuple(mine), sum(my_sizes), lambda: iter(segments))
+    before = sum(s for j, s in enumerate(sizes) if j % K < stream)
+    return rank_start + before, [sizes[j] for j in mine], mine
 
 
 def shuffled_positions(total: int | None, buffer_size: int, rng: np.random.Generator | None) -> Iterator[int]:
@@ -239,52 +230,153 @@ def shuffled_positions(total: int | None, buffer_size: int, rng: np.random.Gener
     yield from (buf[i] for i in rng.permutation(len(buf)))
 
 
+def _shuffle_rng(cfg: PlanConfig, epoch: int, stream: int, generation: int) -> np.random.Generator | None:
+    if not cfg.shuffle:
+        return None
+    extra = (generation,) if generation else ()
+    return _rng(cfg.seed, epoch, cfg.rank, stream, 1, *extra)
+
+
+def batch_seed(cfg: PlanConfig, epoch: int, batch_index: int, generation: int) -> int:
+    extra = (generation,) if generation else ()
+    return int(_rng(cfg.seed, epoch, cfg.rank, batch_index, 3, *extra).integers(2**62))
+
+
+class EpochSequence:
+    """The positions an epoch still has to read, generation by generation (module docstring).
+
+    ``length(g)`` is the size of R(g); ``positions(g, idx)`` maps indices into R(g) (ascending) to
+    global positions in the epoch's shard-permuted sequence (ascending too)."""
+
+    def __init__(self, num_samples: int, generations: Sequence[Generation], cfg: PlanConfig,
+                 epoch: int) -> None:
+        self.num_samples = num_samples
+        self.generations = list(generations)
+        self.cfg = cfg
+        self.epoch = epoch
+        self._lengths = [num_samples]
+        self._blocks: list[tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]] = []
+        for g, gen in enumerate(self.generations):
+            starts, remaining, streams = self._remaining_blocks(g, gen)
+            self._blocks.append((starts, np.concatenate([[0], np.cumsum(remaining)]), streams))
+            self._lengths.append(int(np.sum(remaining)))
+
+    def length(self, g: int) -> int:
+        return self._lengths[g]
+
+    def _gen_cfg(self, gen: Generation, rank: int) -> PlanConfig:
+        return replace(self.cfg, world_size=gen.world_size, rank=rank, num_streams=gen.num_streams,
+                       batch_size=gen.batch_size, drop_last=gen.drop_last,
+                       shuffle_buffer=gen.shuffle_buffer)
+
+    def _remaining_blocks(self, g: int, gen: Generation) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+        """R(g) cut into blocks (one per stream of generation g, then the part no rank read):
+        their first index in R(g), how many of their positions remain, and (rank, stream, length)."""
+        n = self._lengths[g]
+        starts, remaining, streams = [], [], []
+        covered = 0
+        for rank in range(gen.world_size):
+            cfg = self._gen_cfg(gen, rank)
+            for k in range(gen.num_streams):
+                start, sizes, _ = stream_slice(n, cfg, k)
+                length = sum(sizes)
+                starts.append(start)
+                remaining.append(length - sum(sizes[:gen.consumed[k]]))
+                streams.append((rank, k, length))
+                covered = max(covered, start + length)
+        starts.append(covered)                 # drop_last leaves the tail unread: it remains
+        remaining.append(n - covered)
+        streams.append((-1, -1, n - covered))
+        return np.asarray(starts, dtype=np.int64), np.asarray(remaining, dtype=np.int64), streams
+
+    def _remaining_locals(self, g: int, block: int) -> np.ndarray:
+        """Ascending local positions of a generation-g block that it did not consume."""
+        gen = self.generations[g]
+        rank, k, length = self._blocks[g][2][block]
+        if rank < 0:
+            return np.arange(length, dtype=np.int64)
+        cfg = self._gen_cfg(gen, rank)
+        _, sizes, _ = stream_slice(self._lengths[g], cfg, k)
+        taken = sum(sizes[:gen.consumed[k]])
+        order = shuffled_positions(length, gen.shuffle_buffer, _shuffle_rng(cfg, self.epoch, k, g))
+        keep = np.ones(length, dtype=bool)
+        keep[np.fromiter(itertools.islice(order, taken), dtype=np.int64, count=taken)] = False
+        return np.flatnonzero(keep)
+
+    def positions(self, g: int, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        while g > 0:
+            starts, cumulative, _ = self._blocks[g - 1]
+            block_of = np.searchsorted(cumulative, idx, side="right") - 1
+            out = np.empty_like(idx)
+            for block in np.unique(block_of):
+                mask = block_of == block
+                locals_ = self._remaining_locals(g - 1, int(block))
+                out[mask] = starts[block] + locals_[idx[mask] - cumulative[block]]
+            idx, g = out, g - 1
+        return idx
+
+
+def _positions_to_plan(positions: np.ndarray, order: np.ndarray, cumulative: np.ndarray,
+                       shards: ShardTable, sizes: list[int], indices: list[int]) -> StreamPlan:
+    """A stream plan from ascending global positions of the shard-permuted sequence."""
+    ordered = np.searchsorted(cumulative, positions, side="right") - 1
+    offsets = positions - cumulative[ordered]
+    run_starts = np.flatnonzero(np.diff(ordered, prepend=-1)) if len(ordered) else np.zeros(0, np.int64)
+    rows = order[ordered[run_starts]]
+    position_shard = np.cumsum(np.diff(ordered, prepend=-1) != 0) - 1 if len(ordered) else ordered
+    return StreamPlan(tuple(sizes), tuple(indices), shards.take(rows),
+                      position_shard.astype(np.int32), offsets.astype(np.int32), True)
+
+
+def plan_epoch(index: ShardIndex, epoch: int, cfg: PlanConfig,
+               generations: Sequence[Generation] = ()) -> list[StreamPlan]:
+    """The plans of the rank's ``cfg.num_streams`` streams for ``epoch`` (vectorised: one
+    permutation and one cumulative sum of the shard counts, then a search per stream)."""
+    counts = index.shards.num_samples
+    K = cfg.num_streams
+    if cfg.samples_per_epoch is not None:
+        return [_resampled_plan(index.shards, epoch, k, cfg) for k in range(K)]
+    order = _rng(cfg.seed, epoch, 0).permutation(len(counts)) if cfg.shuffle else np.arange(len(counts))
+    cumulative = np.concatenate([[0], np.cumsum(counts[order])])
+    sequence = EpochSequence(int(cumulative[-1]), generations, cfg, epoch)
+    g = len(generations)
+    n = sequence.length(g)
+    plans = []
+    for k in range(K):
+        start, sizes, indices = stream_slice(n, cfg, k)
+        positions = sequence.positions(g, np.arange(start, start + sum(sizes), dtype=np.int64))
+        plans.append(_positions_to_plan(positions, order, cumulative, index.shards, sizes, indices))
+    return plans
+
+
+def _resampled_plan(shards: ShardTable, epoch: int, stream: int, cfg: PlanConfig) -> StreamPlan:
+    _, _, sizes = rank_batch_sizes(0, cfg)
+    mine = list(range(stream, len(sizes), cfg.num_streams))
+    needed = sum(sizes[j] for j in mine)
+    counts = shards.num_samples
+    cdf = np.cumsum(counts, dtype=np.float64)
+    cdf /= cdf[-1]
+    rng = _rng(cfg.seed, epoch, cfg.rank, stream, 2)
+    drawn: list[np.ndarray] = []
+    total = 0
+    while total < needed:     # the draws of rng.choice(len, 256, p=counts/sum), with the cdf kept
+        chunk = np.searchsorted(cdf, rng.random(256), side="right")
+        drawn.append(chunk)
+        total += int(counts[chunk].sum())
+    rows = np.concatenate(drawn)
+    rows = rows[:int(np.searchsorted(np.cumsum(counts[rows]), needed)) + 1]
+    row_counts = counts[rows]
+    position_shard = np.repeat(np.arange(len(rows), dtype=np.int32), row_counts)
+    starts = np.repeat(np.cumsum(row_counts) - row_counts, row_counts)
+    offsets = (np.arange(len(position_shard)) - starts).astype(np.int32)
+    return StreamPlan(tuple(sizes[j] for j in mine), tuple(mine), shards.take(rows), position_shard,
+                      offsets, False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading shards
 # ---------------------------------------------------------------------------------------------
-
-class _HashingReader:
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self.sha256 = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
-        self.sha256.update(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def _tar_samples(tar: tarfile.TarFile, wanted: Callable[[int], bool]
-                 ) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
-    """(index in shard, key, {extension: bytes} or None when not wanted), WebDataset grouping:
-    consecutive members sharing the name up to the first dot of the file name form a sample."""
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    index, want = -1, False
-    for member in tar:
-        if not member.isfile():
-            continue
-        folder, _, filename = member.name.rpartition("/")
-        stem, _, ext = filename.partition(".")
-        member_key = f"{folder}/{stem}" if folder else stem
-        if member_key != key:
-            if key is not None:
-                yield index, key, files if want else None
-            key, files, index = member_key, {}, index + 1
-            want = wanted(index)
-        if want:
-            extracted = tar.extractfile(member)
-            data = extracted.read() if extracted is not None else b""
-            if len(data) != member.size:
-                raise tarfile.ReadError("unexpected end of data")
-            files[ext.lower()] = data
-    if key is not None:
-        yield index, key, files if want else None
-
 
 @dataclass
 class _Raw:
@@ -294,15 +386,14 @@ class _Raw:
 
 
 class _StreamReader:
-    """Reads a stream's segments in order; yields (position, _Raw | SkippedSample) for every
-    position not in ``consumed``; consumed positions are never decoded and whole consumed
-    segments never opened."""
+    """Reads a stream's shards in order; yields (position, _Raw | SkippedSample) for every
+    position not in ``consumed``; consumed positions are never decoded and shards with no wanted
+    position never opened."""
 
-    def __init__(self, index: ShardIndex, segments: Iterator[Segment], consumed: set[int],
-                 retry: RetryPolicy, verify_checksums: bool,
-                 storage_options: dict[str, Any] | None) -> None:
-        self.index = index
-        self.segments = segments
+    def __init__(self, root: str, plan: StreamPlan, consumed: set[int], retry: RetryPolicy,
+                 verify_checksums: bool, storage_options: dict[str, Any] | None) -> None:
+        self.root = root
+        self.plan = plan
         self.consumed = consumed
         self.retry = retry
         self.verify_checksums = verify_checksums
@@ -310,51 +401,56 @@ class _StreamReader:
         self.retries = 0
 
     def __iter__(self) -> Iterator[tuple[int, _Raw | SkippedSample]]:
-        base = 0
-        for seg in self.segments:
-            positions = range(base, base + len(seg))
-            needed = [p not in self.consumed for p in positions]
-            self.consumed.difference_update(positions)
-            if any(needed):
-                skip = {seg.start + i for i, need in enumerate(needed) if not need}
-                for i, item in self._read_shard(seg, skip):
-                    yield base + i - seg.start, item
-            base += len(seg)
+        plan = self.plan
+        bounds = np.flatnonzero(np.diff(plan.position_shard, prepend=-1, append=-2))
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            wanted = {int(plan.position_offset[p]): p for p in range(a, b) if p not in self.consumed}
+            self.consumed.difference_update(range(a, b))
+            if wanted:
+                yield from self._read_shard(int(plan.position_shard[a]), wanted)
 
-    def _read_shard(self, seg: Segment, skip: set[int]) -> Iterator[tuple[int, _Raw | SkippedSample]]:
-        info = self.index.shards[seg.shard]
-        url = self.index.shard_url(seg.shard)
-        # The reader of a shard's head verifies it: when its segment ends early (the shard is
-        # split between readers) it reads the rest raw, without decoding, to hash the whole file.
-        verify = self.verify_checksums and info.sha256 is not None and not skip and seg.start == 0
-        next_i = seg.start
+    def _open(self, url: str, sha256: str | None, expected_size: int) -> IO[bytes]:
+        f = open_file(url, "rb", self.storage_options)
+        if sha256 is None or not self.verify_checksums:
+            return f
+        with f:
+            return fetch_verified(f, sha256, expected_size)
+
+    def _read_shard(self, row: int, wanted: dict[int, int]) -> Iterator[tuple[int, _Raw | SkippedSample]]:
+        shards = self.plan.shards
+        name = shards.url(row)
+        url = resolve_url(self.root, name)
+        sha256 = shards.sha256_hex(row)
+        expected_size = int(shards.size_bytes[row])
+        todo = sorted(wanted)                 # in-shard indices still to yield
         delays = self.retry.delays()
-        while next_i < seg.stop:
+        while todo:
             reason = None
             try:
-                with open_file(url, "rb", self.storage_options) as f:
-                    reader = _HashingReader(f)
-                    with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                        wanted = lambda i: next_i <= i < seg.stop and i not in skip  # noqa: E731
-                        for i, key, files in _tar_samples(tar, wanted):
-                            if i < next_i:
-                                continue
-                            if i >= seg.stop:
+                with self._open(url, sha256, expected_size) as f:
+                    reader = CountingReader(f)
+                    seen = 0
+                    for i, (key, files) in enumerate(tar_samples(reader, redact_url(url))):
+                        seen = i + 1
+                        if i == todo[0]:
+                            todo.pop(0)
+                            yield wanted[i], _Raw(name, key, files)
+                            if not todo:
                                 break
-                            if files is not None:
-                                yield i, _Raw(info.url, key, files)
-                            next_i = i + 1
-                    if next_i < seg.stop:
-                        reason = f"shard ended after {next_i} of {info.num_samples} samples (truncated)"
-                    elif verify:
-                        reader.drain()
-                        if reader.sha256.hexdigest() != info.sha256:
-                            raise DataError(f"checksum mismatch for shard {redact_url(url)}: sha256 "
-                                            f"{reader.sha256.hexdigest()} but the index says {info.sha256}")
-            except DataError:
-                raise
+                    if todo:
+                        size = reader.drain()
+                        if 0 <= expected_size == size:
+                            reason = f"corrupt tar header after sample {seen} (the file has its full size)"
+                        else:
+                            reason = (f"shard ended after {seen} of {int(shards.num_samples[row])} "
+                                      f"samples (truncated: {size} of {expected_size} bytes)")
+            except ChecksumMismatch as exc:
+                reason = (f"checksum mismatch for shard {redact_url(url)}: sha256 {exc.actual} but the "
+                          f"index says {exc.expected}; the shard is skipped whole")
             except (tarfile.TarError, EOFError) as exc:
-                reason = f"truncated or corrupt tar ({exc})"
+                reason = f"truncated or corrupt tar ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            except ValueError as exc:        # webdataset: a duplicate entry in one sample
+                reason = f"corrupt tar ({exc})"
             except Exception as exc:
                 delay = next(delays, None) if is_retryable(exc) else None
                 if delay is not None:
@@ -363,74 +459,58 @@ class _StreamReader:
                     continue
                 reason = f"shard failed to open or read ({type(exc).__name__}: {exc})"
             if reason is not None:
-                for i in range(next_i, seg.stop):
-                    if i not in skip:
-                        yield i, SkippedSample(info.url, f"#{i}", reason)
-                next_i = seg.stop
+                for i in todo:
+                    yield wanted[i], SkippedSample(name, f"#{i}", reason)
+                todo = []
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding and batching (runs in DataLoader workers)
 # ---------------------------------------------------------------------------------------------
 
-class _BadSample(Exception):
-    pass
-
-
-def decode_sample(files: dict[str, bytes], label_type: str, num_classes: int
-                  ) -> tuple[torch.Tensor, int | list[int]]:
-    """uint8 [3, H, W] image and the label(s) of one raw sample; _BadSample if unusable."""
-    image_bytes = next((files[e] for e in _IMAGE_EXTENSIONS if e in files), None)
-    if image_bytes is None:
-        raise _BadSample("no image entry")
-    label: int | list[int]
-    try:
-        if label_type == "single":
-            if "cls" not in files:
-                raise _BadSample("missing label")
-            label = int(files["cls"].decode().strip())
-            labels = [label]
-        else:
-            if "json" not in files:
-                raise _BadSample("missing label")
-            labels = [int(x) for x in json.loads(files["json"])["labels"]]
-            label = labels
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise _BadSample(f"unparseable label ({exc})") from exc
-    if not labels or any(not 0 <= x < num_classes for x in labels):
-        raise _BadSample(f"label out of range: {labels} (num_classes={num_classes})")
-    try:
-        image = decode_image(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8),
-                             mode=ImageReadMode.RGB)
-    except Exception as exc:
-        raise _BadSample(f"corrupt image ({type(exc).__name__})") from exc
-    return image, label
-
-
 @dataclass(frozen=True)
 class _StreamJob:
-    index: ShardIndex
-    plan: _PlanConfig
+    """Everything a worker needs, and no more: its stream's plan, not the index."""
+    root: str
+    label_type: str
+    num_classes: int
+    plan: PlanConfig
     epoch: int
+    generation: int
+    streams: tuple[StreamPlan, ...]
     consumed: tuple[int, ...]
     img_size: int
     train: bool
     augment: AugmentConfig
-    shuffle_buffer: int
     retry: RetryPolicy
     verify_checksums: bool
     storage_options: dict[str, Any] | None
+    max_pixels: int
+
+
+def _sample_tensor(item: _Raw, job: _StreamJob, transform: Any) -> tuple[torch.Tensor, int | list[int]]:
+    """One sample through decode, conversion and the per-sample transform; BadSample if any
+    step fails or the result is not a [3, img_size, img_size] uint8 image."""
+    image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels)
+    try:
+        out = transform(image)
+    except Exception as exc:
+        raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
+    if out.shape != (3, job.img_size, job.img_size) or out.dtype != torch.uint8:
+        raise BadSample(f"transform gave {tuple(out.shape)} {out.dtype}, expected "
+                        f"(3, {job.img_size}, {job.img_size}) uint8")
+    return out, label
 
 
 def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
     """The batches of one stream of one rank for one epoch, after ``job.consumed[stream]``."""
-    index, cfg = job.index, job.plan
-    plan = plan_stream([s.num_samples for s in index.shards], job.epoch, stream, cfg)
-    shuffle_rng = _rng(cfg.seed, job.epoch, cfg.rank, stream, 1) if cfg.shuffle else None
-    positions = shuffled_positions(plan.num_samples, job.shuffle_buffer, shuffle_rng)
+    cfg = job.plan
+    plan = job.streams[stream]
+    shuffle_rng = _shuffle_rng(cfg, job.epoch, stream, job.generation)
+    positions = shuffled_positions(plan.num_positions, cfg.shuffle_buffer, shuffle_rng)
     done = job.consumed[stream]
     consumed = set(itertools.islice(positions, sum(plan.batch_sizes[:done])))
-    reader = _StreamReader(index, plan.segments(), consumed, job.retry, job.verify_checksums,
+    reader = _StreamReader(job.root, plan, consumed, job.retry, job.verify_checksums,
                            job.storage_options)
     items = iter(reader)
     read_ahead: dict[int, _Raw | SkippedSample] = {}
@@ -443,7 +523,7 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
     for size, batch_index in zip(plan.batch_sizes[done:], plan.batch_indices[done:]):
         images, labels, keys, skipped = [], [], [], []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(_rng(cfg.seed, job.epoch, cfg.rank, batch_index, 3).integers(2**62)))
+            torch.manual_seed(batch_seed(cfg, job.epoch, batch_index, job.generation))
             for p in itertools.islice(positions, size):
                 while p not in read_ahead:
                     position, item = next(items)
@@ -453,29 +533,28 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                     skipped.append(item)
                     continue
                 try:
-                    image, label = decode_sample(item.files, index.label_type, index.num_classes)
-                except _BadSample as exc:
+                    image, label = _sample_tensor(item, job, transform)
+                except BadSample as exc:
                     skipped.append(SkippedSample(item.shard, item.key, str(exc)))
                     continue
-                images.append(transform(image))
+                images.append(image)
                 labels.append(label)
                 keys.append(item.key)
-            if index.label_type == "single":
+            if job.label_type == "single":
                 label_tensor = torch.tensor(labels, dtype=torch.long)
             else:
-                label_tensor = torch.zeros(len(labels), index.num_classes)
+                label_tensor = torch.zeros(len(labels), job.num_classes)
                 for row, sample_labels in enumerate(labels):
                     label_tensor[row, sample_labels] = 1.0
             image_tensor = to_float(torch.stack(images) if images
                                     else torch.empty(0, 3, job.img_size, job.img_size, dtype=torch.uint8))
-            targets = make_targets(label_tensor, index.num_classes, smoothing)
+            targets = make_targets(label_tensor, job.num_classes, smoothing)
             if mixer is not None and len(keys) > 1:
                 image_tensor, targets = mixer(image_tensor, targets)
         yield Batch(image_tensor, label_tensor, targets, keys, job.epoch, batch_index, stream,
                     skipped, reader.retries - retries_reported)
         retries_reported = reader.retries
-    if plan.num_samples is not None:
-        # Run a finite reader to its end: the last shard's checksum is verified there.
+    if plan.finite:
         for position, _ in items:
             raise RuntimeError(f"stream {stream} read position {position} that no batch asked for")
 
@@ -500,13 +579,13 @@ def _worker_init(_: int) -> None:
 class StreamingLoader:
     """Batches of one rank, read from WebDataset shards through fsspec (see the module docstring).
 
-    ``len(loader)`` is the number of batches per epoch, identical on every rank. Iterating yields
-    the epoch's remaining batches; after a complete pass the loader moves to the next epoch.
-    ``set_epoch(e)`` starts epoch ``e`` from its beginning, unless ``e`` is the current epoch
-    (so a restored mid-epoch position survives the usual ``set_epoch`` call of a training loop).
-    ``state_dict()`` is identical on every rank; restoring it continues the epoch where it
-    stopped: no consumed batch again, none skipped (batches prefetched but not yet handed out are
-    simply produced again).
+    ``len(loader)`` is the number of batches of a whole epoch, identical on every rank.
+    Iterating yields the epoch's remaining batches; after a complete pass the loader moves to
+    the next epoch. ``set_epoch(e)`` starts epoch ``e`` from its beginning, unless ``e`` is the
+    current epoch (so a restored mid-epoch position survives the usual ``set_epoch`` call of a
+    training loop). ``state_dict()`` is identical on every rank; restoring it continues the epoch
+    where it stopped, at the same or another world size and worker count: no consumed batch
+    again, no sample left out (batches prefetched but not yet handed out are produced again).
     """
 
     def __init__(self, index: ShardIndex | str, *, rank: int = 0, world_size: int = 1,
@@ -516,7 +595,8 @@ class StreamingLoader:
                  shuffle: bool | None = None, shuffle_buffer: int = 1000, drop_last: bool = False,
                  pin_memory: bool = False, prefetch_factor: int = 2, verify_checksums: bool = True,
                  retry: RetryPolicy | None = None, storage_options: dict[str, Any] | None = None,
-                 multiprocessing_context: str | None = None) -> None:
+                 multiprocessing_context: str | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if batch_size < 1 or num_workers < 0 or img_size < 8:
@@ -533,23 +613,26 @@ class StreamingLoader:
         self.num_workers = num_workers
         self.augment = augment or AugmentConfig()
         self.max_skip_fraction = max_skip_fraction
-        self.shuffle_buffer = shuffle_buffer
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.verify_checksums = verify_checksums
         self.retry = retry or RetryPolicy()
         self.storage_options = storage_options
         self.multiprocessing_context = multiprocessing_context
-        self.plan = _PlanConfig(world_size=world_size, rank=rank, num_streams=max(1, num_workers),
-                                batch_size=batch_size, seed=seed,
-                                shuffle=train if shuffle is None else shuffle,
-                                drop_last=drop_last, samples_per_epoch=samples_per_epoch)
+        self.max_image_pixels = max_image_pixels
+        self.plan = PlanConfig(world_size=world_size, rank=rank, num_streams=max(1, num_workers),
+                               batch_size=batch_size, seed=seed,
+                               shuffle=train if shuffle is None else shuffle,
+                               drop_last=drop_last, samples_per_epoch=samples_per_epoch,
+                               shuffle_buffer=shuffle_buffer)
         _, self._rank_samples, sizes = rank_batch_sizes(self.index.num_samples, self.plan)
         self._num_batches = len(sizes)
         register_webdataset_handlers()   # for webdataset users in this process; workers do it too
         self.stats = LoaderStats()
         self._epoch = 0
+        self._generations: list[Generation] = []
         self._consumed = [0] * self.plan.num_streams
+        self._generation_batches = self._num_batches
         self._skipped_in_epoch = 0
 
     # -- position ------------------------------------------------------------------------------
@@ -563,46 +646,89 @@ class StreamingLoader:
 
     @property
     def batches_remaining(self) -> int:
-        return self._num_batches - sum(self._consumed)
+        return self._generation_batches - sum(self._consumed)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:
             self._epoch = epoch
+            self._generations = []
             self._consumed = [0] * self.plan.num_streams
+            self._generation_batches = self._num_batches
             self._skipped_in_epoch = 0
+
+    def _generation(self) -> Generation:
+        p = self.plan
+        return Generation(p.world_size, p.num_streams, p.batch_size, p.drop_last, p.shuffle_buffer,
+                          tuple(self._consumed))
 
     def state_dict(self) -> dict[str, Any]:
         p = self.plan
+        generations = self._generations + [self._generation()]
         return {"version": STATE_VERSION, "epoch": self._epoch, "consumed": list(self._consumed),
-                "batches_consumed": sum(self._consumed), "skipped_in_epoch": self._skipped_in_epoch,
+                "batches_consumed": sum(sum(g.consumed) for g in generations),
+                "skipped_in_epoch": self._skipped_in_epoch,
                 "index": self.index.fingerprint(), "seed": p.seed, "world_size": p.world_size,
                 "batch_size": p.batch_size, "num_streams": p.num_streams, "shuffle": p.shuffle,
-                "drop_last": p.drop_last, "samples_per_epoch": p.samples_per_epoch}
+                "drop_last": p.drop_last, "samples_per_epoch": p.samples_per_epoch,
+                "shuffle_buffer": p.shuffle_buffer,
+                "generations": [{**asdict(g), "consumed": list(g.consumed)} for g in generations]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+        """Continue from ``state``: the same epoch, at this loader's world size and workers.
+
+        Mid-epoch, the seed, batch size, shuffle, drop_last and samples_per_epoch must match (and,
+        for a resampled epoch, the world size and workers too); otherwise ValueError."""
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        if state["index"] != self.index.fingerprint():
+        if state["index"] != self.index.fingerprint() and state["index"] != self.index.legacy_fingerprint():
             raise ValueError("loader state was saved on a different shard index (dataset changed)")
+        p = self.plan
         mine = self.state_dict()
-        if any(state["consumed"]):
-            fields = ("seed", "world_size", "batch_size", "num_streams", "shuffle", "drop_last",
-                      "samples_per_epoch")
+        saved = [Generation(g["world_size"], g["num_streams"], g["batch_size"], g["drop_last"],
+                            g["shuffle_buffer"], tuple(int(c) for c in g["consumed"]))
+                 for g in state.get("generations", [])]
+        if not saved:      # version 1: one generation, with this loader's shuffle buffer
+            saved = [Generation(state["world_size"], state["num_streams"], state["batch_size"],
+                                state["drop_last"], p.shuffle_buffer,
+                                tuple(int(c) for c in state["consumed"]))]
+        started = any(any(g.consumed) for g in saved)
+        if started:
+            fields = ["seed", "batch_size", "shuffle", "drop_last", "samples_per_epoch"]
+            if p.samples_per_epoch is not None:
+                fields += ["world_size", "num_streams"]
             changed = {f: (state[f], mine[f]) for f in fields if state[f] != mine[f]}
             if changed:
                 raise ValueError(f"cannot resume mid-epoch with a different plan {changed} "
                                  f"(saved, now); resume with the same settings or at an epoch start")
         self._epoch = int(state["epoch"])
-        self._consumed = [int(c) for c in state["consumed"]] if any(state["consumed"]) \
-            else [0] * self.plan.num_streams
         self._skipped_in_epoch = int(state.get("skipped_in_epoch", 0))
+        last = saved[-1]
+        if not started:
+            self._generations = []
+            self._consumed = [0] * p.num_streams
+        elif (last.world_size, last.num_streams, last.shuffle_buffer) == \
+                (p.world_size, p.num_streams, p.shuffle_buffer):
+            self._generations = saved[:-1]
+            self._consumed = list(last.consumed)
+        else:
+            self._generations = saved
+            self._consumed = [0] * p.num_streams
+        self._generation_batches = self._batches_in_generation()
+
+    def _batches_in_generation(self) -> int:
+        if not self._generations:
+            return self._num_batches
+        sequence = EpochSequence(self.index.num_samples, self._generations, self.plan, self._epoch)
+        return len(rank_batch_sizes(sequence.length(len(self._generations)), self.plan)[2])
 
     # -- iteration -----------------------------------------------------------------------------
 
     def _job(self) -> _StreamJob:
-        return _StreamJob(self.index, self.plan, self._epoch, tuple(self._consumed), self.img_size,
-                          self.train, self.augment, self.shuffle_buffer, self.retry,
-                          self.verify_checksums, self.storage_options)
+        streams = plan_epoch(self.index, self._epoch, self.plan, self._generations)
+        return _StreamJob(self.index.root, self.index.label_type, self.index.num_classes, self.plan,
+                          self._epoch, len(self._generations), tuple(streams), tuple(self._consumed),
+                          self.img_size, self.train, self.augment, self.retry,
+                          self.verify_checksums, self.storage_options, self.max_image_pixels)
 
     def _record(self, batch: Batch) -> None:
         self._consumed[batch.stream] += 1
@@ -620,9 +746,6 @@ class StreamingLoader:
                     f"{self._skipped_in_epoch} of {self._rank_samples} samples of rank "
                     f"{self.plan.rank} skipped in epoch {self._epoch}, over the allowed "
                     f"{self.max_skip_fraction:.3%}:\n  {listed}")
-        if len(batch) == 0:
-            raise DataError(f"batch {batch.index} of epoch {batch.epoch} has no readable sample: "
-                            + "; ".join(str(s) for s in batch.skipped[:5]))
 
     def __iter__(self) -> Iterator[Batch]:
         if self.batches_remaining == 0:
@@ -640,6 +763,6 @@ class StreamingLoader:
             yield batch
         if self.batches_remaining != 0:
             raise DataError(f"internal error: rank {self.plan.rank} yielded "
-                            f"{self._num_batches - self.batches_remaining} of {self._num_batches} "
-                            f"batches in epoch {self._epoch}")
+                            f"{self._generation_batches - self.batches_remaining} of "
+                            f"{self._generation_batches} batches in epoch {self._epoch}")
         self.set_epoch(self._epoch + 1)

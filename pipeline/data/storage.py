@@ -8,6 +8,7 @@ log, an index or an error message go through ``redact_url``.
 from __future__ import annotations
 
 import importlib
+import itertools
 import random
 import re
 import time
@@ -30,16 +31,31 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter for transient object-storage errors."""
+    """Exponential backoff with jitter for transient object-storage errors: retried for up to
+    ``timeout_s`` after the first failure (an outage of a few minutes is ridden out), and at most
+    ``attempts`` tries in all when that is set."""
 
-    attempts: int = 6
+    attempts: int | None = None
     initial_delay_s: float = 0.5
-    max_delay_s: float = 8.0
+    max_delay_s: float = 15.0
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1 or None, got {self.attempts}")
+        if self.timeout_s < 0 or self.initial_delay_s < 0 or self.max_delay_s < 0:
+            raise ValueError("timeout_s, initial_delay_s and max_delay_s must be >= 0")
 
     def delays(self) -> Iterator[float]:
+        """The waits before each retry; the clock starts at the first ``next`` (the first failure)."""
+        deadline = time.monotonic() + self.timeout_s
         delay = self.initial_delay_s
-        for _ in range(self.attempts - 1):
-            yield delay * (0.75 + 0.5 * random.random())
+        tries = itertools.count(2)
+        while self.attempts is None or next(tries) <= self.attempts:
+            wait = delay * (0.75 + 0.5 * random.random())
+            if time.monotonic() + wait > deadline:
+                return
+            yield wait
             delay = min(delay * 2, self.max_delay_s)
 
 
@@ -90,6 +106,11 @@ def redact_url(url: str) -> str:
 
 
 def is_url(path: str) -> bool:
+    """Whether ``path`` names its filesystem by a scheme (``s3://``, ``gs://``, ``file://``,
+    ``memory://``...), i.e. must be opened through fsspec by that protocol, rather than being a
+    plain local path. Says nothing about remoteness (``file://`` is a URL here) and nothing about
+    ``models:/`` or ``runs:/`` URIs, which have no ``//``. (``pipeline.config.is_url`` is another
+    question - "is this not a local path to make absolute?" - and answers False for ``file://``.)"""
     return "://" in path
 
 

@@ -4,7 +4,8 @@ Layout written under DEST (a local path or any fsspec URL)::
 
     DEST/{split}/shard-000000.tar      {key}.jpg|png|webp + {key}.cls (single) | {key}.json (multi)
     DEST/{split}/_progress/shard-000000.json   per-shard record: makes reruns resumable
-    DEST/{split}/index.json            written last; readers rely on it and never list the bucket
+    DEST/{split}/index.parquet         written last (then index.json, for small splits); readers
+                                       rely on it and never list the bucket
 
 Inputs are listed, sorted, then permuted with ``seed`` (so every shard mixes classes), split
 (``val_fraction``), and cut into shards of ``samples_per_shard`` inputs. A shard is one task for
@@ -31,7 +32,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from pipeline.data.demo import DEMO_CLASSES, demo_jpeg
-from pipeline.data.index import INDEX_FILENAME, LabelType, ShardIndex, ShardInfo
+from pipeline.data.index import LabelType, ShardIndex, ShardInfo
+from pipeline.data.reader import pil_to_rgb8
 from pipeline.data.storage import (DataError, RetryPolicy, call_with_retry, exists, is_url,
                                    join_url, open_file, parent_url, read_bytes, redact_url,
                                    resolve_url, url_to_fs)
@@ -301,16 +303,23 @@ def _encode_image(data: bytes, options: ShardOptions) -> tuple[bytes, str]:
         image = Image.open(io.BytesIO(data))
         image_format = image.format
         image.load()   # a full decode: corrupt or truncated files fail here, not in training
+    except Image.DecompressionBombError as exc:
+        raise _BadInput(f"decompression bomb ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise _BadInput(f"corrupt or unsupported image ({type(exc).__name__})") from exc
+    except Exception as exc:   # a decoder bug on a hostile file must not end the split
+        raise _BadInput(f"unreadable image ({type(exc).__name__}: {exc})") from exc
     too_big = options.max_side is not None and max(image.size) > options.max_side
     if image_format in _STORED_FORMATS and not too_big and not options.reencode:
         return data, _STORED_FORMATS[image_format]
-    image = image.convert("RGB")
-    if too_big:
-        image.thumbnail((options.max_side, options.max_side), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=options.quality)
+    try:
+        image = Image.fromarray(pil_to_rgb8(image))
+        if too_big:
+            image.thumbnail((options.max_side, options.max_side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=options.quality)
+    except Exception as exc:
+        raise _BadInput(f"cannot convert to 8-bit RGB ({type(exc).__name__}: {exc})") from exc
     return buf.getvalue(), "jpg"
 
 
@@ -431,7 +440,7 @@ def _write_split(items: Sequence[InputItem], split_url: str, split: str, class_n
     skipped = list(listing_skipped) + [SkippedInput(**s) for i in sorted(records)
                                        for s in records[i]["skipped"]]
     index = ShardIndex(root=split_url, shards=tuple(shards), class_names=tuple(class_names),
-                       label_type=label_type, split=split,
+                       label_type=label_type, split=split, pre_shuffled=True,
                        meta={"source": description, "key_format": "9-digit position in split",
                              "samples_per_shard": n, "max_side": options.max_side,
                              "skipped_inputs": len(skipped), **(extra_meta or {})})
@@ -440,7 +449,7 @@ def _write_split(items: Sequence[InputItem], split_url: str, split: str, class_n
                         f"({len(skipped)} inputs skipped)")
     index_url = index.save(storage_options)
     return SplitSummary(split, index_url, index.num_samples, len(shards),
-                        sum(s.size_bytes or 0 for s in shards), len(todo), reused, skipped)
+                        index.shards.total_bytes, len(todo), reused, skipped)
 
 
 def write_shards(source: str, dest: str, *, split: str | None = None, val_fraction: float = 0.0,
@@ -496,13 +505,12 @@ def write_demo_shards(root: str, *, num_train: int = 2000, num_val: int = 500, i
             continue
         split_url = join_url(root, split)
         meta = {"demo": {**asdict(demo), "first_index": first, "num_samples": count}}
-        index_url = join_url(split_url, INDEX_FILENAME)
+        index_url = ShardIndex.index_url(split_url, storage_options)
         if exists(index_url, storage_options):
             index = ShardIndex.load(split_url, storage_options)
-            if index.meta.get("demo") == meta["demo"]:
+            if index.meta.get("demo") == meta["demo"] and index.is_complete(storage_options):
                 summaries[split] = SplitSummary(split, index_url, index.num_samples, index.num_shards,
-                                                sum(s.size_bytes or 0 for s in index.shards), 0,
-                                                index.num_shards, [])
+                                                index.shards.total_bytes, 0, index.num_shards, [])
                 continue
         items = [InputItem(f"{_DEMO_PREFIX}{first + i}") for i in range(count)]
         summaries[split] = _write_split(items, split_url, split, DEMO_CLASSES, label_type, options,

@@ -1,0 +1,208 @@
+"""Reading one shard: webdataset's tar expansion and key grouping, checksum verified first, and
+the per-sample decode to 8-bit RGB.
+
+The tar stream is parsed by ``webdataset.tariterators.tar_file_iterator`` (members) and
+``group_by_keys`` (consecutive members sharing the name up to the first dot of the file name form
+a sample; extensions lower-cased), exactly what ``wds.WebDataset`` does. We do not use
+``wds.WebDataset`` itself: its shard assignment (``split_by_node`` / ``split_by_worker``) is by
+whole shards, round-robin, which cannot give every rank the same number of batches from an
+uneven shard list, and its error handlers drop a sample without telling us which one, so the
+exact split, the skip accounting and the checksum stay ours, around webdataset's parsing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import IO, Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline.data.storage import DataError, RetryPolicy, is_retryable, open_file, redact_url
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_MAX_PIXELS = 89_478_485      # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+_SPOOL_IN_MEMORY = 64 << 20          # larger shards are spooled to a temporary file
+
+
+class ShardSample(NamedTuple):
+    key: str
+    image: bytes                     # the encoded image (jpg, jpeg, png or webp entry)
+    files: dict[str, bytes]          # every entry of the sample by extension, image included
+
+
+class ChecksumMismatch(Exception):
+    def __init__(self, actual: str, expected: str) -> None:
+        super().__init__(f"checksum mismatch: sha256 {actual} but the index says {expected}")
+        self.actual = actual
+        self.expected = expected
+
+
+class CountingReader:
+    """Read-through wrapper that hashes and counts what is read."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self.sha256.update(data)
+        self.bytes_read += len(data)
+        return data
+
+    def drain(self) -> int:
+        while self.read(1 << 20):
+            pass
+        return self.bytes_read
+
+
+def fetch_verified(f: IO[bytes], sha256: str, expected_size: int = -1) -> IO[bytes]:
+    """The whole of ``f`` in a spooled temporary file (memory up to 64 MB, then local disk,
+    deleted on close), after checking its sha256: no sample of a shard is used before its
+    checksum is known to match. Raises ChecksumMismatch, except for a file shorter than
+    ``expected_size`` (when known): that is a truncated copy, returned unverified so that the
+    caller can use its complete samples and count the missing ones as truncated."""
+    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            spool.write(chunk)
+            size += len(chunk)
+        if digest.hexdigest() != sha256 and not 0 <= size < expected_size:
+            raise ChecksumMismatch(digest.hexdigest(), sha256)
+        spool.seek(0)
+        return spool  # type: ignore[return-value]
+    except BaseException:
+        spool.close()
+        raise
+
+
+def tar_samples(fileobj: IO[bytes], url: str = "") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a tar stream, parsed by webdataset. Tar errors
+    (truncation, a duplicate entry) propagate; an unreadable header ends the iteration early, as
+    in ``tarfile`` (the caller compares the bytes read with the expected size)."""
+    members = ({**member, "__url__": url} for member in tar_file_iterator(fileobj))
+    for sample in group_by_keys(members):
+        key = sample.pop("__key__")
+        sample.pop("__url__", None)
+        yield key, sample
+
+
+def iter_shard_samples(url: str, *, storage_options: dict[str, Any] | None = None,
+                       retry: RetryPolicy | None = None, sha256: str | None = None
+                       ) -> Iterator[ShardSample]:
+    """Every sample of the shard at ``url`` that has an image, in tar order: ``(key, image bytes,
+    {extension: bytes})``. The one public way to read a shard outside the training loader
+    (prediction, evaluation, tools). Opening is retried on transient storage errors; with
+    ``sha256`` the shard is verified before the first sample is yielded (DataError otherwise)."""
+    retry = retry or RetryPolicy()
+    delays = retry.delays()
+    while True:
+        try:
+            f = open_file(url, "rb", storage_options)
+            break
+        except Exception as exc:
+            delay = next(delays, None) if is_retryable(exc) else None
+            if delay is None:
+                raise
+            time.sleep(delay)
+    with f:
+        source: IO[bytes] = f
+        if sha256 is not None:
+            try:
+                source = fetch_verified(f, sha256)
+            except ChecksumMismatch as exc:
+                raise DataError(f"shard {redact_url(url)}: {exc}") from None
+        with source:
+            for key, files in tar_samples(source, redact_url(url)):
+                image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                if image is not None:
+                    yield ShardSample(key, image, files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding one sample
+# ---------------------------------------------------------------------------------------------
+
+class BadSample(Exception):
+    pass
+
+
+def parse_labels(files: dict[str, bytes], label_type: str, num_classes: int) -> int | list[int]:
+    labels: list[int]
+    try:
+        if label_type == "single":
+            if "cls" not in files:
+                raise BadSample("missing label")
+            label: int | list[int] = int(files["cls"].decode().strip())
+            labels = [label]  # type: ignore[list-item]
+        else:
+            if "json" not in files:
+                raise BadSample("missing label")
+            labels = [int(x) for x in json.loads(files["json"])["labels"]]
+            label = labels
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise BadSample(f"unparseable label ({exc})") from exc
+    if not labels or any(not 0 <= x < num_classes for x in labels):
+        raise BadSample(f"label out of range: {labels} (num_classes={num_classes})")
+    return label
+
+
+def pil_to_rgb8(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3]: 16-bit and 32-bit greyscale scaled down (PIL's own
+    convert would clip them to white), palette and alpha images flattened (alpha dropped, as
+    torchvision's RGB mode does), CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(grey, mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_rgb8(image_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """uint8 [3, H, W] from an encoded image of any common mode; BadSample if unusable."""
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as probe:   # reads the header only
+            width, height = probe.size
+    except Exception as exc:
+        raise BadSample(f"corrupt image ({type(exc).__name__})") from exc
+    if width * height > max_pixels:
+        raise BadSample(f"image too large ({width}x{height} pixels > {max_pixels}: decompression bomb?)")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8),
+                             mode=ImageReadMode.RGB)
+        if image.dtype != torch.uint8:     # 16-bit PNG
+            image = (image.to(torch.float32) * (255.0 / torch.iinfo(image.dtype).max)).round().to(torch.uint8)
+    except Exception:
+        try:   # what torchvision's decoders refuse (e.g. some CMYK JPEGs, 16-bit greyscale), PIL converts
+            with Image.open(io.BytesIO(image_bytes)) as pil:
+                image = torch.from_numpy(pil_to_rgb8(pil).copy()).permute(2, 0, 1).contiguous()
+        except Exception as exc:
+            raise BadSample(f"corrupt image ({type(exc).__name__})") from exc
+    if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise BadSample(f"image of unusable shape {tuple(image.shape)}")
+    return image
+
+
+def decode_sample(files: dict[str, bytes], label_type: str, num_classes: int,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, int | list[int]]:
+    """uint8 [3, H, W] image and the label(s) of one raw sample; BadSample if unusable."""
+    image_bytes = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    if image_bytes is None:
+        raise BadSample("no image entry")
+    label = parse_labels(files, label_type, num_classes)
+    return decode_rgb8(image_bytes, max_pixels), label
