@@ -111,14 +111,49 @@ def save(engine, *, rank: int, state: TrainState, run_key: str, ema: list[torch.
     return directory
 
 
-def load(engine, directory: str, *, rank: int) -> tuple[TrainState, list[torch.Tensor] | None]:
-    """Every rank calls this on a fresh engine (ZeRO-3). Returns (train state, EMA partition)."""
-    path, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=True,
+UNIVERSAL_TAG = "universal"
+
+
+def to_universal(directory: str) -> str:
+    """Convert the ZeRO-3 shards of a checkpoint folder into DeepSpeed's universal format (one
+    file per parameter: fp32 weights and Adam moments, not tied to a world size) in a new local
+    folder, returned. An engine built with ``{"checkpoint": {"load_universal": true}}`` then loads
+    it at any world size (``load(..., universal=folder)``)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = tempfile.mkdtemp(prefix="coatnet-universal-")
+    args = argparse.Namespace(input_folder=os.path.join(directory, DS_TAG),
+                              output_folder=os.path.join(out, UNIVERSAL_TAG), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):      # its progress bars and banners
+        ds_to_universal(args)
+    return out
+
+
+def load(engine, directory: str, *, rank: int, universal: str | None = None
+         ) -> tuple[TrainState, list[torch.Tensor] | None]:
+    """Every rank calls this on a fresh engine (ZeRO-3). ``universal``: the ``to_universal`` folder
+    of ``directory`` when the world size changed (the EMA, a per-rank partition, is then not
+    restored). Returns (train state, EMA partition or None)."""
+    folder, tag = (universal, UNIVERSAL_TAG) if universal else (directory, DS_TAG)
+    path, _ = engine.load_checkpoint(folder, tag=tag, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{DS_TAG}")
+        raise RuntimeError(f"DeepSpeed found no checkpoint under {folder}/{tag}")
+    if universal:
+        # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the SAME 'step'
+        # tensor; torch's Adam then advances it once per group and step (2x with our decay and
+        # no-decay groups), skewing bias correction. One tensor per group, as a normal load has.
+        for st in engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
     ema_path = os.path.join(directory, "ema", f"rank_{rank}.pt")
-    ema = torch.load(ema_path, weights_only=True) if os.path.exists(ema_path) else None
+    ema = torch.load(ema_path, weights_only=True) if os.path.exists(ema_path) and not universal else None
     return read_state(directory), ema
 
 

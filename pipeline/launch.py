@@ -125,6 +125,14 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
     w = cfg.scaling.num_workers
     if val is not None and val.num_samples < w:
         raise ConfigError(f"data.val_split: {val.num_samples} samples for {w} workers")
+    s = cfg.scaling
+    if s.min_workers:
+        t = cfg.train
+        bad = [w for w in range(s.min_workers, s.num_workers + 1) if t.global_batch % (w * t.micro_batch)]
+        if s.min_workers > s.num_workers or bad:
+            raise ConfigError(f"scaling.min_workers..num_workers = {s.min_workers}..{s.num_workers}: "
+                              + (f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
+                                 f"{t.micro_batch} x {bad[0]} workers" if bad else "min exceeds max"))
     check_storage(cfg.storage.storage_path)
     t = cfg.train
     per_epoch = (cfg.data.samples_per_epoch or index.num_samples) / t.global_batch
@@ -191,7 +199,8 @@ def make_trainer(cfg: Config, task: TrainTask):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=task,
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+        scaling_config=ScalingConfig(num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
+                                     use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.storage.name, storage_path=path, storage_filesystem=fs,

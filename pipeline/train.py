@@ -10,8 +10,10 @@ Extra behaviour (profilers, the tests' probes) comes in as ``Callback`` objects 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -56,6 +58,9 @@ class Callback:
 
     def on_start(self, *, rank: int, world_size: int) -> None: ...
 
+    def on_train_start(self, engine, *, step: int, rank: int) -> None:
+        """Engine built and checkpoint (if any) loaded; ``step`` optimizer steps are behind."""
+
     def on_step(self, step: int, keys: list[str]) -> None:
         """After optimizer step ``step`` (1-based), with the keys of the samples this rank used."""
 
@@ -77,6 +82,28 @@ def build_callbacks(specs: list[CallbackSpec]) -> list[Callback]:
 # ---------------------------------------------------------------------------------------------
 # Pieces (each usable alone)
 # ---------------------------------------------------------------------------------------------
+
+def fit_batch_to_world(cfg: Config, world: int) -> Config:
+    """``cfg`` for ``world`` workers with the same global batch and micro batch: gradient
+    accumulation absorbs the change (an elastic group that shrank or grew). PipelineError when the
+    global batch cannot be split that way."""
+    from pipeline.errors import PipelineError
+
+    t = cfg.train
+    if t.micro_batch * t.grad_accum * world == t.global_batch:
+        return cfg
+    per_rank, rest = divmod(t.global_batch, world * t.micro_batch)
+    if rest or per_rank == 0:
+        fits = [m for m in range(1, t.global_batch // world + 1) if (t.global_batch // world) % m == 0]
+        raise PipelineError(
+            f"train.global_batch {t.global_batch} cannot be kept on {world} workers with train.micro_batch "
+            f"{t.micro_batch}: set train.micro_batch to a divisor of {t.global_batch // world} "
+            f"(e.g. {fits[-1] if fits else 1}) or scaling limits whose worker counts divide the batch")
+    data = cfg.model_dump(mode="json")
+    data["train"]["grad_accum"] = per_rank
+    data["scaling"]["num_workers"] = world
+    return Config.model_validate(data)
+
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, schedule: str) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine/linear/constant."""
@@ -130,10 +157,10 @@ def train_loop_per_worker(task: TrainTask) -> None:
 
     from pipeline.data import StreamingLoader
 
-    cfg = task.cfg()
-    t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = fit_batch_to_world(task.cfg(), world)     # elastic: the global batch stays, accumulation moves
+    t = cfg.train
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
     if cfg.scaling.use_gpu:
         device = torch.device("cuda", ctx.get_local_rank())
@@ -157,24 +184,35 @@ def train_loop_per_worker(task: TrainTask) -> None:
     val_loader = (StreamingLoader(cfg.data.val_url, train=False, **common)
                   if cfg.data.val_url else None)
 
-    # -- engine --------------------------------------------------------------------------------
-    engine, optimizer = build_engine(cfg, deepspeed_config(cfg))
-    dtype = compute_dtype(cfg)
-    ema = [p.detach().float().clone() for p in partitions(engine.module)] if t.ema_decay else None
-
-    # -- resume --------------------------------------------------------------------------------
+    # -- engine, and the state to continue from -------------------------------------------------
     step, samples_seen, skipped_before = 0, 0, 0
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state, ema_loaded = checkpoint.load(engine, d, rank=rank)
-        step, samples_seen, skipped_before = state.step, state.samples_seen, state.skipped_samples
-        train_loader.load_state_dict(state.loader)
-        if ema is not None and ema_loaded is not None:
-            ema = ema_loaded
-        if rank == 0:
-            task.say(f"resumed from step {step} ({samples_seen} samples seen)"
-                     + (f"; removed {stale} unfinished local checkpoint folder(s)" if stale else ""))
+    with resumed.as_directory() if resumed is not None else contextlib.nullcontext() as ckdir:
+        saved = checkpoint.read_state(ckdir) if ckdir else None
+        # another world size than the checkpoint's: reshard through DeepSpeed's universal format
+        reshard = saved is not None and saved.world_size not in (None, world)
+        ds_config = deepspeed_config(cfg)
+        if reshard:
+            ds_config["checkpoint"] = {"load_universal": True}
+        engine, optimizer = build_engine(cfg, ds_config)
+        ema = [p.detach().float().clone() for p in partitions(engine.module)] if t.ema_decay else None
+        if saved is not None:
+            universal = checkpoint.to_universal(ckdir) if reshard else None
+            state, ema_loaded = checkpoint.load(engine, ckdir, rank=rank, universal=universal)
+            if universal:
+                shutil.rmtree(universal, ignore_errors=True)
+            step, samples_seen, skipped_before = state.step, state.samples_seen, state.skipped_samples
+            train_loader.load_state_dict(state.loader)
+            if ema is not None and ema_loaded is not None:
+                ema = ema_loaded
+            if rank == 0:
+                task.say(f"resumed from step {step} ({samples_seen} samples seen)"
+                         + (f"; resharded from {saved.world_size} to {world} workers, "
+                            f"grad_accum {t.grad_accum}" if reshard else "")
+                         + (f"; removed {stale} unfinished local checkpoint folder(s)" if stale else ""))
+    dtype = compute_dtype(cfg)
+    for cb in callbacks:
+        cb.on_train_start(engine, step=step, rank=rank)
 
     total, warmup = task.total_steps, task.warmup_steps
     tracking.fast_fail_env()

@@ -77,3 +77,28 @@ class DumpWeights(Callback):
         with open(f"{self.path}.rank{rank}.json", "w") as f:
             json.dump({"partition_numel": sum(t.numel() for t in partitions(engine.module)),
                        "total_numel": sum(p.ds_numel for p in params)}, f)
+
+
+class StartState(Callback):
+    """When training (re)starts: each rank writes to ``<dir>/start.s<step>.rank<r>.json`` the step,
+    its optimizer's Adam step count and moment norm (0 for a fresh optimizer), and rank 0 adds the
+    sum of squares of all gathered parameters (to compare with the checkpoint it came from)."""
+
+    def __init__(self, dir: str) -> None:
+        self.dir = dir
+
+    def on_train_start(self, engine, *, step: int, rank: int) -> None:
+        import deepspeed
+
+        os.makedirs(self.dir, exist_ok=True)
+        states = [s for s in engine.optimizer.optimizer.state.values() if "exp_avg_sq" in s]
+        out = {"step": step, "world_size": engine.world_size if hasattr(engine, "world_size") else None,
+               "adam_steps": sorted({int(s["step"]) for s in states}),
+               "exp_avg_sq_norm": float(sum(s["exp_avg_sq"].float().norm() ** 2 for s in states)) ** 0.5,
+               "grad_accum": engine.gradient_accumulation_steps()}
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            if rank == 0:
+                out["param_sq_sum"] = float(sum(p.detach().double().pow(2).sum() for p in params))
+        with open(os.path.join(self.dir, f"start.s{step}.rank{rank}.json"), "w") as f:
+            json.dump(out, f)
