@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,9 +111,9 @@ def measure(index_path: str, world_size: int, workers: int, batch_size: int) -> 
 
     gc.collect()
     rss0, anon0 = _rss_kib(), _rss_kib("RssAnon")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     index = ShardIndex.load(index_path)
-    t_load = time.perf_counter() - t0
+    t_load, c_load = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     index.fingerprint()
     t_fingerprint = time.perf_counter() - t0
@@ -121,12 +122,19 @@ def measure(index_path: str, world_size: int, workers: int, batch_size: int) -> 
     cfg = loader.PlanConfig(world_size=world_size, rank=world_size // 2, num_streams=workers,
                             batch_size=batch_size, seed=0, shuffle=True, drop_last=False,
                             samples_per_epoch=None)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     plans = loader.plan_epoch(index, 3, cfg)
-    t_plan = time.perf_counter() - t0
+    t_plan, c_plan = time.perf_counter() - t0, time.process_time() - c0
+    # An elastic resume: the epoch stopped half way at world_size x workers, continues at half the ranks.
+    half = sum(len(p.batch_sizes) for p in plans) // workers // 2
+    before = loader.Generation(world_size, workers, batch_size, False, cfg.shuffle_buffer, (half,) * workers)
+    resumed = replace(cfg, world_size=max(1, world_size // 2), rank=world_size // 4)
+    t0 = time.perf_counter()
+    loader.plan_epoch(index, 3, resumed, [before])
+    t_elastic = time.perf_counter() - t0
     idle = _forked_private_kib(plans[0], cfg.shuffle_buffer, work=False)
     busy = _forked_private_kib(plans[0], cfg.shuffle_buffer, work=True)
-    return {"load_s": t_load, "fingerprint_s": t_fingerprint, "plan_s": t_plan,
+    return {"elastic_s": t_elastic, "cpu_s": c_load + c_plan, "load_s": t_load, "fingerprint_s": t_fingerprint, "plan_s": t_plan,
             "rss_mb": rss_index / 1024, "anon_mb": anon_index / 1024, "worker_mb": (busy - idle) / 1024,
             "worker_private_mb": busy / 1024, "shards": index.num_shards,
             "stream_shards": len(plans[0].shards), "stream_positions": plans[0].num_positions}
@@ -172,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['anon_mb']:11.1f} MB | "
                   f"{m['worker_mb']:11.1f} MB |")
         m = rows[0][2]
-        print(f"\na stream reads {m['stream_positions']:,} positions in {m['stream_shards']:,} shards; "
+        print("\nCPU seconds of load + plan: " + ", ".join(f"{name} {m['cpu_s']:.2f} s" for name, _, m in rows)
+              + " (wall-clock figures above inflate when other processes share the cores)")
+        print(f"plan of one rank after an elastic resume ({args.world_size} -> {max(1, args.world_size // 2)} ranks, "
+              f"half way through the epoch): {m['elastic_s']:.2f} s")
+        print(f"a stream reads {m['stream_positions']:,} positions in {m['stream_shards']:,} shards; "
               f"a forked worker's private memory: {m['worker_private_mb']:.1f} MB in all")
     finally:
         shutil.rmtree(root, ignore_errors=True)

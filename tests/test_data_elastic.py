@@ -80,3 +80,34 @@ def test_resampled_epochs_refuse_a_world_size_change(uneven):
     other = _loaders(uneven, 1, 0, samples_per_epoch=64)[0]
     with pytest.raises(ValueError, match="world_size"):
         other.load_state_dict(loader.state_dict())
+
+
+def test_drop_last_elastic_resume_reads_no_sample_twice(uneven):
+    def world(world_size, workers, state=None, stop_after=None):
+        keys, counts = [], []
+        for loader in _loaders(uneven, world_size, workers, drop_last=True):
+            if state is not None:
+                loader.load_state_dict(state)
+            batches = [b for _, b in zip(range(stop_after or 10**9), loader)]
+            assert all(len(b) == 4 for b in batches)
+            keys += [k for b in batches for k in b.keys]
+            counts.append(len(batches))
+            last = loader.state_dict()
+        return keys, counts, last
+
+    head, _, state = world(2, 2, stop_after=4)
+    tail, counts, _ = world(3, 1, state=state)
+    assert len(set(counts)) == 1 and len(head + tail) == len(set(head + tail))
+
+
+def test_a_state_saved_before_the_elastic_cursor_still_resumes(uneven):
+    first = _loaders(uneven, 1, 0)[0]
+    head = [k for _, b in zip(range(3), first) for k in b.keys]
+    state = first.state_dict()
+    v1 = {k: state[k] for k in ("epoch", "consumed", "batches_consumed", "skipped_in_epoch", "seed",
+                                "world_size", "batch_size", "num_streams", "shuffle", "drop_last",
+                                "samples_per_epoch")}
+    v1.update(version=1, index=uneven.legacy_fingerprint())
+    resumed = _loaders(uneven, 1, 0)[0]
+    resumed.load_state_dict(v1)
+    assert sorted(head + [k for b in resumed for k in b.keys]) == [f"{i:09d}" for i in range(101)]

@@ -169,31 +169,32 @@ def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng([int(w) for w in words])
 
 
-def _split_sizes(num_samples: int, num_batches: int, batch_size: int) -> list[int]:
-    """``num_batches`` sizes in 1..batch_size summing to ``num_samples``, full ones first."""
-    sizes = [batch_size] * num_batches
+def _split_sizes(num_samples: int, num_batches: int, batch_size: int) -> np.ndarray:
+    """``num_batches`` sizes in 1..batch_size summing to ``num_samples``, full ones first: the
+    deficit is taken from the last batches, ``batch_size - 1`` from each until it is paid."""
+    sizes = np.full(num_batches, batch_size, dtype=np.int64)
     deficit = num_batches * batch_size - num_samples
-    j = num_batches - 1
-    while deficit > 0:
-        cut = min(deficit, batch_size - 1)
-        sizes[j] -= cut
-        deficit -= cut
-        j -= 1
+    if deficit > 0:
+        whole, part = divmod(deficit, batch_size - 1) if batch_size > 1 else (0, 0)
+        if whole:
+            sizes[num_batches - whole:] = 1
+        if part:
+            sizes[num_batches - whole - 1] -= part
     return sizes
 
 
-def rank_batch_sizes(num_samples: int, cfg: PlanConfig) -> tuple[int, int, list[int]]:
+def rank_batch_sizes(num_samples: int, cfg: PlanConfig) -> tuple[int, int, np.ndarray]:
     """(first sample of the rank in the sequence, samples of the rank, its batch sizes)."""
     W, B, r = cfg.world_size, cfg.batch_size, cfg.rank
     if cfg.samples_per_epoch is not None:
         batches = max(1, cfg.samples_per_epoch // (W * B))
-        return 0, batches * B, [B] * batches
+        return 0, batches * B, np.full(batches, B, dtype=np.int64)
     if cfg.drop_last:
         batches = num_samples // (W * B)
         if batches == 0:
             raise ValueError(f"{num_samples} samples make no full batch of {B} on each of {W} ranks "
                              f"(drop_last=True); use a smaller batch or drop_last=False")
-        return r * batches * B, batches * B, [B] * batches
+        return r * batches * B, batches * B, np.full(batches, B, dtype=np.int64)
     q, rem = divmod(num_samples, W)
     batches = math.ceil((q + (rem > 0)) / B)
     if q < batches:
@@ -203,14 +204,14 @@ def rank_batch_sizes(num_samples: int, cfg: PlanConfig) -> tuple[int, int, list[
     return r * q + min(r, rem), mine, _split_sizes(mine, batches, B)
 
 
-def stream_slice(num_samples: int, cfg: PlanConfig, stream: int
-                 ) -> tuple[int, list[int], list[int]]:
-    """(first position of the stream in the sequence, its batch sizes, their indices in the rank)."""
+def _stream_slices(num_samples: int, cfg: PlanConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per stream of the rank: (first position in the sequence, its batch sizes, their indices
+    in the rank's epoch)."""
     rank_start, _, sizes = rank_batch_sizes(num_samples, cfg)
     K = cfg.num_streams
-    mine = list(range(stream, len(sizes), K))
-    before = sum(s for j, s in enumerate(sizes) if j % K < stream)
-    return rank_start + before, [sizes[j] for j in mine], mine
+    per_stream = np.bincount(np.arange(len(sizes)) % K, weights=sizes, minlength=K).astype(np.int64)
+    starts = rank_start + np.concatenate([[0], np.cumsum(per_stream)[:-1]])
+    return [(int(starts[k]), sizes[k::K], np.arange(k, len(sizes), K)) for k in range(K)]
 
 
 def shuffled_positions(total: int | None, buffer_size: int, rng: np.random.Generator | None) -> Iterator[int]:
@@ -276,12 +277,10 @@ class EpochSequence:
         starts, remaining, streams = [], [], []
         covered = 0
         for rank in range(gen.world_size):
-            cfg = self._gen_cfg(gen, rank)
-            for k in range(gen.num_streams):
-                start, sizes, _ = stream_slice(n, cfg, k)
-                length = sum(sizes)
+            for k, (start, sizes, _) in enumerate(_stream_slices(n, self._gen_cfg(gen, rank))):
+                length = int(sizes.sum())
                 starts.append(start)
-                remaining.append(length - sum(sizes[:gen.consumed[k]]))
+                remaining.append(length - int(sizes[:gen.consumed[k]].sum()))
                 streams.append((rank, k, length))
                 covered = max(covered, start + length)
         starts.append(covered)                 # drop_last leaves the tail unread: it remains
@@ -296,8 +295,8 @@ class EpochSequence:
         if rank < 0:
             return np.arange(length, dtype=np.int64)
         cfg = self._gen_cfg(gen, rank)
-        _, sizes, _ = stream_slice(self._lengths[g], cfg, k)
-        taken = sum(sizes[:gen.consumed[k]])
+        sizes = _stream_slices(self._lengths[g], cfg)[k][1]
+        taken = int(sizes[:gen.consumed[k]].sum())
         order = shuffled_positions(length, gen.shuffle_buffer, _shuffle_rng(cfg, self.epoch, k, g))
         keep = np.ones(length, dtype=bool)
         keep[np.fromiter(itertools.islice(order, taken), dtype=np.int64, count=taken)] = False
@@ -318,14 +317,14 @@ class EpochSequence:
 
 
 def _positions_to_plan(positions: np.ndarray, order: np.ndarray, cumulative: np.ndarray,
-                       shards: ShardTable, sizes: list[int], indices: list[int]) -> StreamPlan:
+                       shards: ShardTable, sizes: np.ndarray, indices: np.ndarray) -> StreamPlan:
     """A stream plan from ascending global positions of the shard-permuted sequence."""
     ordered = np.searchsorted(cumulative, positions, side="right") - 1
     offsets = positions - cumulative[ordered]
     run_starts = np.flatnonzero(np.diff(ordered, prepend=-1)) if len(ordered) else np.zeros(0, np.int64)
     rows = order[ordered[run_starts]]
     position_shard = np.cumsum(np.diff(ordered, prepend=-1) != 0) - 1 if len(ordered) else ordered
-    return StreamPlan(tuple(sizes), tuple(indices), shards.take(rows),
+    return StreamPlan(tuple(sizes.tolist()), tuple(indices.tolist()), shards.take(rows),
                       position_shard.astype(np.int32), offsets.astype(np.int32), True)
 
 
@@ -343,17 +342,15 @@ def plan_epoch(index: ShardIndex, epoch: int, cfg: PlanConfig,
     g = len(generations)
     n = sequence.length(g)
     plans = []
-    for k in range(K):
-        start, sizes, indices = stream_slice(n, cfg, k)
-        positions = sequence.positions(g, np.arange(start, start + sum(sizes), dtype=np.int64))
+    for start, sizes, indices in _stream_slices(n, cfg):
+        positions = sequence.positions(g, np.arange(start, start + int(sizes.sum()), dtype=np.int64))
         plans.append(_positions_to_plan(positions, order, cumulative, index.shards, sizes, indices))
     return plans
 
 
 def _resampled_plan(shards: ShardTable, epoch: int, stream: int, cfg: PlanConfig) -> StreamPlan:
-    _, _, sizes = rank_batch_sizes(0, cfg)
-    mine = list(range(stream, len(sizes), cfg.num_streams))
-    needed = sum(sizes[j] for j in mine)
+    _, sizes, mine = _stream_slices(0, cfg)[stream]
+    needed = int(sizes.sum())
     counts = shards.num_samples
     cdf = np.cumsum(counts, dtype=np.float64)
     cdf /= cdf[-1]
@@ -370,7 +367,7 @@ def _resampled_plan(shards: ShardTable, epoch: int, stream: int, cfg: PlanConfig
     position_shard = np.repeat(np.arange(len(rows), dtype=np.int32), row_counts)
     starts = np.repeat(np.cumsum(row_counts) - row_counts, row_counts)
     offsets = (np.arange(len(position_shard)) - starts).astype(np.int32)
-    return StreamPlan(tuple(sizes[j] for j in mine), tuple(mine), shards.take(rows), position_shard,
+    return StreamPlan(tuple(sizes.tolist()), tuple(mine.tolist()), shards.take(rows), position_shard,
                       offsets, False)
 
 

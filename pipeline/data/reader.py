@@ -178,6 +178,8 @@ def decode_rgb8(image_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tor
     try:
         with Image.open(io.BytesIO(image_bytes)) as probe:   # reads the header only
             width, height = probe.size
+    except Image.DecompressionBombError as exc:    # PIL's own limit, 2 x Image.MAX_IMAGE_PIXELS
+        raise BadSample(f"image too large ({exc})") from exc
     except Exception as exc:
         raise BadSample(f"corrupt image ({type(exc).__name__})") from exc
     if width * height > max_pixels:
