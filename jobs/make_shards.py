@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write WebDataset shards + index.json from an ImageFolder, a CSV/Parquet manifest or `demo`.
+"""Write WebDataset shards + index.parquet (index.json too for small splits) from an ImageFolder, a CSV/Parquet manifest or `demo`.
 
     python jobs/make_shards.py SOURCE DEST [options]
 

@@ -2,7 +2,7 @@
 
     python jobs/predict.py img1.png img2.jpg
     python jobs/predict.py --model models:/coatnet-demo/3 --top-k 3 photos/ --output preds.jsonl
-    python jobs/predict.py data/demo/val            # shards (a folder with index.json, or .tar files)
+    python jobs/predict.py data/demo/val            # shards (a folder with index.parquet/index.json, or .tar files)
 
 Inputs: image files, folders (searched recursively) or shards, local or fsspec URLs (s3://...).
 Small inputs run in this process; shards or more than --ray-threshold images go through Ray Data

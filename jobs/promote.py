@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--name", default="coatnet-demo", help="registered model name")
     p.add_argument("--version", default=None, help="candidate version (default: the newest)")
-    p.add_argument("--val", default=None, help="evaluation split (folder or URL holding index.json)")
+    p.add_argument("--val", default=None, help="evaluation split (folder or URL holding index.parquet or index.json)")
     p.add_argument("--alias", default="champion")
     p.add_argument("--metric", default=None, choices=["top1", "top5", "precision_at_1", "recall_at_5", "mAP"],
                    help="default: top1 for single-label data, precision_at_1 for multi-label")

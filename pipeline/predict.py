@@ -1,6 +1,6 @@
 """Batch prediction: top-k labels from a registered model for image files, folders or shards.
 
-    rows = predict("models:/coatnet-demo@champion", ["photos/", "s3://bucket/val/index.json"])
+    rows = predict("models:/coatnet-demo@champion", ["photos/", "s3://bucket/val"])
 
 Small inputs run in this process; large ones (or any shards) go through Ray Data:
 ``read_images`` / ``read_webdataset`` then ``map_batches`` with ``BatchPredictor`` actors, one
@@ -24,11 +24,13 @@ class InputError(PipelineError):
 
 
 def iter_samples(val: str) -> Iterator[tuple[str, bytes, int]]:
-    """(key, encoded image bytes, label or -1) for every sample of a split, in index order."""
-    from pipeline.data import ShardIndex
+    """(key, encoded image bytes, label or -1) for every sample of a split, in index order, read by
+    pipeline.data's shard reader (webdataset's tar parsing, checksums verified)."""
+    from pipeline.data import ShardIndex, iter_shard_samples
 
-    for url in shard_urls(ShardIndex.load(val)):
-        for key, img, files in _iter_tar(url):
+    idx = ShardIndex.load(val)
+    for i in range(idx.num_shards):
+        for key, img, files in iter_shard_samples(idx.shard_url(i), sha256=idx.shards.sha256_hex(i)):
             label = int(files["cls"].decode().strip()) if "cls" in files else -1
             yield key, img, label
 
@@ -42,8 +44,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Paths/URLs -> (image files, shard URLs). A folder holding index.json, an index.json or a
-    .tar is read as shards; other folders are searched recursively for images."""
+    """Paths/URLs -> (image files, shard URLs). A folder holding a shard index (index.parquet or
+    index.json), an index file or a .tar is read as shards; other folders are searched recursively
+    for images."""
     import fsspec
 
     files, shards = [], []
@@ -54,7 +57,8 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
             raise InputError(f"input not found: {item}")
         if path.endswith(".tar"):
             shards.append(item)
-        elif path.endswith("index.json") or (fs.isdir(path) and fs.exists(f"{path.rstrip('/')}/index.json")):
+        elif path.endswith(("index.json", "index.parquet")) or (fs.isdir(path) and any(
+                fs.exists(f"{path.rstrip('/')}/{name}") for name in ("index.parquet", "index.json"))):
             from pipeline.data import ShardIndex
 
             shards += shard_urls(ShardIndex.load(item))
@@ -112,6 +116,8 @@ def predict(model_uri: str, inputs: Sequence[str], *, top_k_: int = 5, batch_siz
     ``map_batches`` with ``BatchPredictor`` actors. Returns one dict per image in input order."""
     import torch
 
+    from pipeline.data import iter_shard_samples
+
     model, meta = load_model(model_uri)
     spec: ModelSpec = meta["spec"]
     files, shards = expand_inputs(inputs)
@@ -121,7 +127,7 @@ def predict(model_uri: str, inputs: Sequence[str], *, top_k_: int = 5, batch_siz
         rows = []
         dev = device()
         model.to(dev)
-        items = [(f, f) for f in files] + [(k, img) for u in shards for k, img, _ in _iter_tar(u)]
+        items = [(f, f) for f in files] + [(k, img) for u in shards for k, img, _ in iter_shard_samples(u)]
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             x = preprocess([im for _, im in chunk], spec).to(dev)
@@ -130,24 +136,6 @@ def predict(model_uri: str, inputs: Sequence[str], *, top_k_: int = 5, batch_siz
             rows += [{"input": str(name), **r} for (name, _), r in zip(chunk, out)]
         return rows
     return _predict_ray(model, spec, files, shards, top_k_, batch_size, concurrency)
-
-
-def _iter_tar(url: str):
-    import tarfile
-
-    import fsspec
-
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        group: dict[str, dict[str, bytes]] = {}
-        for m in tar:
-            if m.isfile():
-                folder, _, filename = m.name.rpartition("/")
-                stem, _, ext = filename.partition(".")
-                group.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext.lower()] = tar.extractfile(m).read()
-    for key, s in group.items():
-        img = next((s[e] for e in ("jpg", "jpeg", "png", "webp") if e in s), None)
-        if img is not None:
-            yield key, img, s
 
 
 def _pyarrow_fs(url: str):

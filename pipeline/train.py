@@ -124,6 +124,16 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Ten
     return -(targets.float() * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
+def placeholder_step(engine, cfg: Config, device, dtype) -> torch.Tensor:
+    """A zero loss for a micro-batch whose samples were all skipped as unreadable: ZeRO-3 needs the
+    same forwards and backwards on every rank. One blank image in eval mode (BatchNorm statistics
+    untouched); this rank adds zero gradients to the step."""
+    engine.eval()
+    out = engine(torch.zeros(1, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype))
+    engine.train()
+    return out.float().sum() * 0.0
+
+
 def forever(loader) -> Iterator:
     """Batches across epoch boundaries (the loader moves to the next epoch after a full pass)."""
     while True:
@@ -138,6 +148,9 @@ def evaluate(engine, loader, *, device, dtype, label_type: str) -> dict[str, flo
     scores = Scores(label_type)
     loader.set_epoch(0)       # the loader ends each pass at epoch 1; every evaluation reads epoch 0
     for batch in loader:
+        if not len(batch):                 # every sample of it was unreadable: still one forward
+            engine(torch.zeros(1, 3, *engine.module.img_size, device=device, dtype=dtype))
+            continue
         batch = batch.to(device)
         scores.update(engine(batch.images.to(dtype)), batch.labels)
     scores.all_reduce()
@@ -247,7 +260,10 @@ def train_loop_per_worker(task: TrainTask) -> None:
         keys: list[str] = []
         for _ in range(t.grad_accum):
             batch = next(batches).to(device, non_blocking=True)
-            loss = loss_fn(engine(batch.images.to(dtype)), batch.targets, t.loss)
+            if len(batch):
+                loss = loss_fn(engine(batch.images.to(dtype)), batch.targets, t.loss)
+            else:
+                loss = placeholder_step(engine, cfg, device, dtype)
             engine.backward(loss)
             engine.step()                      # an optimizer step at the accumulation boundary
             loss_window += loss.detach() / t.grad_accum

@@ -19,12 +19,14 @@ from typing import IO, Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.errors import PipelineError
+
 T = TypeVar("T")
 
 _NOT_RETRYABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-class DataError(RuntimeError):
+class DataError(PipelineError, RuntimeError):
     """Bad data the pipeline refuses to train on silently (skip budget exceeded, checksum mismatch,
     unreadable index, unusable source)."""
 
