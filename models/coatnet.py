@@ -366,15 +366,28 @@ class TransformerStage(nn.Module):
                              rate)
             for i, rate in enumerate(drop_paths)
         )
-        # Built on the CPU whatever the default device (meta, zero.Init): it is cheap and exact.
+        # Built on the CPU whatever the default device (zero.Init): it is cheap and exact.
         self.register_buffer("relative_position_index", relative_position_index(grid, device="cpu"),
                              persistent=False)
         self.grad_checkpointing = False
 
+    def reset_buffers(self) -> None:
+        """Recompute the relative index in place (its values are a function of the grid)."""
+        index = self.relative_position_index
+        self.relative_position_index = relative_position_index(self.grid, device=index.device)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # to_empty(), .to(), .cuda() all come here: whatever fn did to the index (to_empty leaves
+        # uninitialised memory, values up to 1e14), rebuild it exactly on its new device.
+        super()._apply(fn, recurse)
+        self.reset_buffers()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = self.relative_position_index
         if index.device != x.device and x.device.type != "meta":
-            index = relative_position_index(self.grid, device=x.device)  # e.g. after to_empty()
+            # a model whose modules were moved without nn.Module.to (e.g. by hand or by a wrapper)
+            index = relative_position_index(self.grid, device=x.device)
             self.relative_position_index = index
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
@@ -478,6 +491,22 @@ class CoAtNet(nn.Module):
         # ds_shape: the full shape of a parameter partitioned by DeepSpeed ZeRO-3
         return {name for name, param in self.named_parameters()
                 if len(getattr(param, "ds_shape", param.shape)) <= 1 or "relative_position_bias_table" in name}
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter and buffer as at construction, e.g. after building on
+        the meta device and ``to_empty()``. Visits modules children-first, in registration order
+        (the order their constructors ran), so under the same seed the weights equal a directly
+        built model's."""
+
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                visit(child)
+            for reset in ("reset_parameters", "reset_buffers"):
+                if callable(getattr(module, reset, None)):
+                    getattr(module, reset)()
+
+        visit(self)
 
     def set_attn_backend(self, backend: AttnBackend) -> None:
         """Switch every attention layer's backend (and the config's) in place."""

@@ -100,3 +100,59 @@ def test_squeeze_excite_init_matches_timm() -> None:
         want, got = reference[f"{name}.weight"], ours[f"{name}.weight"]
         assert abs(got.std() / want.std() - 1) < 0.1 and abs(got.mean()) < 0.1 * want.std(), name
         assert torch.equal(ours[f"{name}.bias"], reference[f"{name}.bias"])  # zeros in both
+
+
+def test_meta_then_to_empty_then_init_weights_equals_direct_build() -> None:
+    torch.manual_seed(0)
+    direct = models.create_model("coatnet_nano", num_classes=10, img_size=64)
+    meta = models.create_model("coatnet_nano", num_classes=10, img_size=64, device="meta")
+    assert all(t.device.type == "meta" for t in [*meta.parameters(), *meta.buffers()])
+    meta.to_empty(device="cpu")
+    # to_empty leaves uninitialised memory; the relative index is rebuilt exactly anyway
+    for stage in meta.stages:
+        if hasattr(stage, "relative_position_index"):
+            assert torch.equal(stage.relative_position_index, relative_position_index(stage.grid))
+    torch.manual_seed(0)
+    meta.init_weights()
+    assert str(meta) == str(direct)
+    built, materialised = direct.state_dict(keep_vars=True), meta.state_dict(keep_vars=True)
+    assert built.keys() == materialised.keys()
+    # children-first init replays the constructors' order: same seed, same weights
+    for key, want in built.items():
+        assert torch.equal(materialised[key], want), key
+    for (name, want), (_, got) in zip(direct.named_buffers(), meta.named_buffers()):
+        assert torch.equal(got, want), name
+
+    torch.manual_seed(1)  # another seed: same statistics (the bias tables, SE and BN included)
+    meta.init_weights()
+    for key, want in built.items():
+        got, want = materialised[key].detach(), want.detach()
+        if want.is_floating_point() and want.numel() >= 256:
+            assert abs(got.mean() - want.mean()) <= 0.2 * want.std() + 1e-6, key
+            assert abs(got.std() - want.std()) <= 0.2 * want.std() + 1e-6, key
+
+
+def test_init_weights_repairs_a_trained_model() -> None:
+    torch.manual_seed(0)
+    model = models.create_model("coatnet_pico", num_classes=10, img_size=64)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.fill_(3) if tensor.is_floating_point() else tensor.fill_(7)
+        model.stages[2].relative_position_index.fill_(10**14)
+    torch.manual_seed(0)
+    model.init_weights()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    assert torch.equal(model.stages[2].relative_position_index, relative_position_index(model.stages[2].grid))
+
+
+def test_coatnet_7_on_meta_is_fast_and_memoryless() -> None:
+    import time
+
+    start = time.perf_counter()
+    model = models.create_model("coatnet_7", device="meta")
+    elapsed = time.perf_counter() - start
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / 2.442e9 - 1) < 5e-4, count
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    assert elapsed < 10, elapsed
