@@ -156,3 +156,53 @@ def test_coatnet_7_on_meta_is_fast_and_memoryless() -> None:
     assert abs(count / 2.442e9 - 1) < 5e-4, count
     assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
     assert elapsed < 10, elapsed
+
+
+def _pico_state(img_size) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return models.create_model("coatnet_pico", num_classes=10, img_size=img_size).state_dict()
+
+
+TABLE_S3 = "stages.2.blocks.0.attn.relative_position_bias_table"
+TABLE_S4 = "stages.3.blocks.0.attn.relative_position_bias_table"
+
+
+def test_resize_reads_the_config_resize_mode() -> None:
+    state = _pico_state(64)
+    default = models.resize_state_dict(state, 128)
+    bicubic_config = models.get_config("coatnet_pico", resize_mode="bicubic")
+    by_config = models.resize_state_dict(state, 128, config=bicubic_config)
+    explicit = models.resize_state_dict(state, 128, mode="bicubic")
+    assert torch.equal(by_config[TABLE_S3], explicit[TABLE_S3])
+    assert not torch.equal(by_config[TABLE_S3], default[TABLE_S3])
+    assert torch.equal(models.resize_state_dict(state, 128, mode="bilinear", config=bicubic_config)[TABLE_S3],
+                       default[TABLE_S3])
+
+
+def test_resize_without_the_last_stage_still_resizes() -> None:
+    state = {k: v for k, v in _pico_state(64).items() if not k.startswith("stages.3.")}
+    resized = models.resize_state_dict(state, 128)  # old size from stage 2's table at 1/16: 64 px
+    assert resized[TABLE_S3].shape[-2:] == (15, 15)
+    assert torch.equal(models.resize_state_dict(state, 128, old_img_size=64)[TABLE_S3], resized[TABLE_S3])
+    assert torch.equal(models.resize_state_dict(state, 64)[TABLE_S3], state[TABLE_S3])
+
+
+def test_resize_raises_when_tables_disagree() -> None:
+    state = _pico_state(64)
+    state[TABLE_S4] = _pico_state(128)[TABLE_S4]
+    with pytest.raises(ValueError, match="different image sizes"):
+        models.resize_state_dict(state, 128)
+    with pytest.raises(ValueError, match="does not belong"):
+        models.resize_state_dict(_pico_state(64), 128, old_img_size=96,
+                                 config=models.get_config("coatnet_pico"))
+
+
+def test_resize_split_s3_layout_of_coatnet_7() -> None:
+    config = models.get_config("coatnet_7")
+    state = {k: torch.zeros(t.shape) for k, t in
+             models.create_model("coatnet_7", img_size=224, device="meta").state_dict().items() if "table" in k}
+    state["stages.4.blocks.0.mlp.fc1.bias"] = torch.zeros(1)  # the family layout is told apart by key
+    for cfg in (None, config):
+        resized = models.resize_state_dict(state, 448, config=cfg)
+        assert resized["stages.3.blocks.0.attn.relative_position_bias_table"].shape[-2:] == (55, 55)
+        assert resized["stages.4.blocks.0.attn.relative_position_bias_table"].shape[-2:] == (27, 27)
