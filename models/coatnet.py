@@ -14,7 +14,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -507,6 +507,24 @@ class CoAtNet(nn.Module):
                     getattr(module, reset)()
 
         visit(self)
+
+    def blocks(self) -> list[nn.Module]:
+        """The units compiled by ``compile_blocks`` (and natural ZeRO-3 leaf modules): the stem,
+        every MBConv and Transformer block, the head."""
+        return [self.stem, *(block for stage in self.stages for block in stage.blocks), self.head]
+
+    def compile_blocks(self, enable: bool = True, **compile_kwargs: Any) -> None:
+        """torch.compile each block's ``forward`` in place (``enable=False`` restores eager).
+
+        Only ``forward`` is compiled, not ``__call__``: hooks on a block (DeepSpeed ZeRO-3 gathers
+        parameters in forward pre-hooks) keep running eagerly around its compiled graph. With
+        ZeRO-3, mark the blocks as leaf modules so that no hooks sit inside a compiled graph:
+        ``deepspeed.utils.set_z3_leaf_modules(model, [type(b) for b in model.blocks()])``.
+        """
+        for block in self.blocks():
+            block.__dict__.pop("forward", None)  # back to the class's forward
+            if enable:
+                block.forward = torch.compile(block.forward, **compile_kwargs)
 
     def set_attn_backend(self, backend: AttnBackend) -> None:
         """Switch every attention layer's backend (and the config's) in place."""
