@@ -116,16 +116,32 @@ class LinearXavier(nn.Linear):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample."""
+    """Stochastic depth: drop the whole residual branch per sample.
+
+    The keep probability is also a (non-persistent) buffer: torch.compile specialises on Python
+    floats read from a module, so a float rate that differs in every block would recompile every
+    block (and past dynamo's recompile limit, silently run eager); a buffer is a graph input.
+    """
 
     def __init__(self, rate: float) -> None:
         super().__init__()
         self.rate = rate
+        self.active = rate > 0.0  # forward reads this bool, never the float
+        self.register_buffer("keep_prob", torch.tensor(1.0 - rate), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.keep_prob.fill_(1.0 - self.rate)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        super()._apply(fn, recurse)
+        if self.keep_prob.device.type != "meta":  # to_empty() leaves uninitialised memory
+            self.reset_buffers()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
+        if not self.training or not self.active:
             return x
-        keep = 1.0 - self.rate
+        keep = self.keep_prob.to(device=x.device, dtype=x.dtype)
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask.div_(keep)
 

@@ -252,3 +252,18 @@ def test_bf16_weights_stay_close_to_fp32(backend: str) -> None:
         model.bfloat16()
         got = model(images.bfloat16()).float()
     assert ((got - reference).abs().max() / reference.abs().max()).item() < 0.02
+
+
+def test_compile_blocks_compiles_one_graph_per_block_shape() -> None:
+    """Per-block constants that differ (a float drop-path rate) would recompile every block and,
+    past dynamo's recompile limit (8), silently fall back to eager for the rest of the model."""
+    from torch._dynamo.utils import counters
+
+    model = models.create_model("coatnet_1", num_classes=10, img_size=64)  # 26 blocks, rates all different
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_blocks(backend="eager", dynamic=False)
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    # stem, head, and per stage: its first block (stride/width change; rate 0 in stage 0) and the rest
+    assert counters["stats"]["unique_graphs"] == 2 + 2 * len(model.stages)
+    torch._dynamo.reset()
