@@ -32,10 +32,18 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
     param = next(model.parameters())
     images = torch.zeros(batch_size, 3, height, width, device=param.device, dtype=param.dtype)
     was_training = model.training
+    # Our attention picks its SDPA kernels itself (overriding an outer sdpa_kernel): count its
+    # explicit math path, whose two matmuls are what SDPA's math path counts, on every device.
+    config = getattr(model, "config", None)
+    if isinstance(model, CoAtNet):
+        model.set_attn_backend("math")
     model.eval()
     try:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(images)
     finally:
         model.train(was_training)
+        if isinstance(model, CoAtNet):
+            model.set_attn_backend(config.attn_backend)
+            model.config = config
     return counter.get_total_flops() // 2

@@ -267,3 +267,15 @@ def test_compile_blocks_compiles_one_graph_per_block_shape() -> None:
     # stem, head, and per stage: its first block (stride/width change; rate 0 in stage 0) and the rest
     assert counters["stats"]["unique_graphs"] == 2 + 2 * len(model.stages)
     torch._dynamo.reset()
+
+
+def test_count_flops_is_the_same_for_every_backend_and_device() -> None:
+    """Our restricted sdpa_kernel overrides an outer one: count_flops counts the math path."""
+    counts = set()
+    for backend in ("auto", "sdpa", "math"):
+        for device in ("meta", "cpu"):
+            model = models.create_model("coatnet_pico", img_size=64, attn_backend=backend, device=device)
+            counts.add(models.count_flops(model))
+            assert model.config.attn_backend == backend
+            assert {m.attn_backend for m in model.modules() if isinstance(m, RelativeAttention)} == {backend}
+    assert len(counts) == 1, counts
