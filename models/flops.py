@@ -2,9 +2,10 @@
 
 ``count_flops`` returns MULTIPLY-ACCUMULATES (MACs) = FlopCounterMode's FLOPs / 2, the unit the
 CoAtNet paper calls "FLOPs" (and timm's GMACs). Counted: convolutions, linear layers and the two
-attention matmuls (q.k and attn.v; attention is forced through SDPA's math path so that they are
-visible as matmuls). Not counted: norms, activations, pooling, softmax, the bias add, SE's pooling
-- element-wise work that the paper's figures also leave out.
+attention matmuls (q.k and attn.v: our CoAtNet runs its ``math`` attention backend while counted,
+other models SDPA's math path, so that they are visible as matmuls). Not counted: norms,
+activations, pooling, softmax, the bias add, SE's pooling - element-wise work that the paper's
+figures also leave out.
 """
 
 from __future__ import annotations
