@@ -9,20 +9,25 @@ for the weight mapping); each departure from the paper is a named field of ``CoA
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .relpos import RESIZE_MODES, relative_position_index, table_shape
 
 StrideMode = Literal["dw", "expand"]
 PoolType = Literal["avg", "max"]
+AttnBackend = Literal["auto", "sdpa", "flex", "math"]
+ATTN_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex", "math")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class CoAtNetConfig:
     ln_eps: float = 1e-6
     resize_mode: str = "bilinear"  # bias-table interpolation when the image size changes
     channels_last: bool = True  # run the conv stages in channels_last memory format (faster on CPU)
+    attn_backend: AttnBackend = "auto"  # see RelativeAttention; every backend computes the same function
 
     def __post_init__(self) -> None:
         if self.stride_mode not in ("dw", "expand"):
@@ -65,6 +71,8 @@ class CoAtNetConfig:
             raise ValueError(f"se_act must be 'silu' or 'gelu', got {self.se_act!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         for stage in self.stages:
             if stage.kind == "T" and stage.width % self.dim_head:
                 raise ValueError(f"stage width {stage.width} is not divisible by dim_head {self.dim_head}")
@@ -108,18 +116,35 @@ class LinearXavier(nn.Linear):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample."""
+    """Stochastic depth: drop the whole residual branch per sample.
+
+    The keep probability is also a (non-persistent) buffer: torch.compile specialises on Python
+    floats read from a module, so a float rate that differs in every block would recompile every
+    block (and past dynamo's recompile limit, silently run eager); a buffer is a graph input.
+    """
 
     def __init__(self, rate: float) -> None:
         super().__init__()
         self.rate = rate
+        self.active = rate > 0.0  # forward reads this bool, never the float
+        self.register_buffer("keep_prob", torch.tensor(1.0 - rate), persistent=False)
+
+    def reset_buffers(self) -> None:
+        # fp32 whatever the model's dtype: 1 - rate in bf16 would be off by up to 0.4%
+        self.keep_prob = torch.tensor(1.0 - self.rate, dtype=torch.float32, device=self.keep_prob.device)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        super()._apply(fn, recurse)
+        if self.keep_prob.device.type != "meta":  # to_empty() leaves uninitialised memory
+            self.reset_buffers()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
+        if not self.training or not self.active:
             return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        keep = self.keep_prob.to(x.device)
+        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep)
+        return x * mask.div_(keep).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"rate={self.rate:.3f}"
@@ -143,10 +168,13 @@ def pool_nhwc(x: torch.Tensor, pool: PoolType) -> torch.Tensor:
 
 
 class SqueezeExcite(nn.Module):
+    """SE with timm's init: its MBConv init_weights gives every Conv2d in the block, SE included,
+    the EfficientNet fan-out normal init (fc1 weight std sqrt(2/reduced)), biases zero."""
+
     def __init__(self, channels: int, reduced: int, act: str) -> None:
         super().__init__()
-        self.fc1 = nn.Conv2d(channels, reduced, 1)
-        self.fc2 = nn.Conv2d(reduced, channels, 1)
+        self.fc1 = ConvEffInit(channels, reduced, 1)
+        self.fc2 = ConvEffInit(reduced, channels, 1)
         self.act = nn.SiLU() if act == "silu" else nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,28 +225,85 @@ class MBConvBlock(nn.Module):
         return shortcut + self.drop_path(self.conv3_1x1(x))
 
 
+# SDPA backends that accept an attn_mask that requires grad. cuDNN (preferred on H100 by
+# torch >= 2.5 for some shapes) refuses one in training; CUDA flash takes no mask at all and is
+# skipped by the dispatcher; on CPU "flash" is the fused CPU kernel, which takes a grad mask.
+_SDPA_GRAD_MASK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+_compiled_flex_attention: Callable[..., torch.Tensor] | None = None
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    score_mod: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """flex_attention, compiled once per process when called eagerly on a GPU (uncompiled, it
+    materialises the full score matrix); inside torch.compile it is traced as part of the graph."""
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cpu" or torch.compiler.is_compiling():
+        return flex_attention(q, k, v, score_mod=score_mod)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, score_mod=score_mod)
+
+
+def resolve_attn_backend(backend: str, device: torch.device) -> str:
+    """The backend 'auto' stands for: flex inside torch.compile on CUDA (a fused kernel that reads
+    the table through the index: no per-head N x N bias and no N x N bias gradient in memory),
+    else SDPA restricted to the backends that take a learned bias (every other case, CPU included:
+    eager flex_attention materialises the scores, and PyTorch has no flex backward on CPU)."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and torch.compiler.is_compiling():
+        return "flex"
+    return "sdpa"
+
+
 class RelativeAttention(nn.Module):
     """Global multi-head self-attention over tokens with a learned 2-D relative bias per head.
 
-    The bias is gathered from the table and passed to scaled_dot_product_attention as an additive
-    mask, i.e. added to q.k/sqrt(d) before the softmax (Eq. 3).
+    The bias is added to q.k/sqrt(d) before the softmax (Eq. 3). Backends (``attn_backend``), all
+    the same function: 'sdpa' passes the gathered (heads, N, N) bias to scaled_dot_product_attention
+    as an additive mask, restricted to the kernels that train with it; 'flex' adds
+    ``table[h, index[q, kv]]`` in flex_attention's score_mod; 'math' is the matmul-softmax
+    reference (softmax in fp32); 'auto' picks per call (``resolve_attn_backend``).
     """
 
-    def __init__(self, dim_in: int, dim_out: int, dim_head: int, grid: tuple[int, int]) -> None:
+    def __init__(self, dim_in: int, dim_out: int, dim_head: int, grid: tuple[int, int],
+                 attn_backend: AttnBackend = "auto") -> None:
         super().__init__()
         self.num_heads = dim_out // dim_head
         self.dim_head = dim_head
+        self.attn_backend = attn_backend
         self.qkv = LinearXavier(dim_in, 3 * dim_out)  # output order (q|k|v, head, dim_head)
         self.proj = LinearXavier(dim_out, dim_out)
         self.relative_position_bias_table = nn.Parameter(torch.empty(self.num_heads, *table_shape(grid)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.dim_head).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.relative_position_bias_table.flatten(1).index_select(1, index)
-        bias = bias.view(1, self.num_heads, tokens, tokens).to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        table = self.relative_position_bias_table.flatten(1)
+        backend = resolve_attn_backend(self.attn_backend, x.device)
+        if backend == "flex":
+            index2d = index.view(tokens, tokens)
+
+            def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                          kv_idx: torch.Tensor) -> torch.Tensor:
+                return score + table[h, index2d[q_idx, kv_idx]].to(score.dtype)
+
+            x = _flex_attention(q, k, v, score_mod)
+        else:
+            bias = table.index_select(1, index).view(1, self.num_heads, tokens, tokens).to(q.dtype)
+            if backend == "math":
+                attn = (q * self.dim_head ** -0.5) @ k.transpose(-2, -1) + bias
+                x = attn.float().softmax(dim=-1).to(v.dtype) @ v
+            else:
+                with sdpa_kernel(_SDPA_GRAD_MASK_BACKENDS):
+                    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, -1))
 
 
@@ -246,7 +331,7 @@ class TransformerBlock(nn.Module):
         self.pool = cfg.pool
         self.shortcut_proj = LinearXavier(dim_in, dim_out) if dim_in != dim_out else nn.Identity()
         self.norm1 = nn.LayerNorm(dim_in, eps=cfg.ln_eps)
-        self.attn = RelativeAttention(dim_in, dim_out, cfg.dim_head, grid)
+        self.attn = RelativeAttention(dim_in, dim_out, cfg.dim_head, grid, cfg.attn_backend)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim_out, eps=cfg.ln_eps)
         self.mlp = Mlp(dim_out, dim_out * cfg.ffn_expand)
@@ -298,15 +383,28 @@ class TransformerStage(nn.Module):
                              rate)
             for i, rate in enumerate(drop_paths)
         )
-        # Built on the CPU whatever the default device (meta, zero.Init): it is cheap and exact.
+        # Built on the CPU whatever the default device (zero.Init): it is cheap and exact.
         self.register_buffer("relative_position_index", relative_position_index(grid, device="cpu"),
                              persistent=False)
         self.grad_checkpointing = False
 
+    def reset_buffers(self) -> None:
+        """Recompute the relative index in place (its values are a function of the grid)."""
+        index = self.relative_position_index
+        self.relative_position_index = relative_position_index(self.grid, device=index.device)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # to_empty(), .to(), .cuda() all come here: whatever fn did to the index (to_empty leaves
+        # uninitialised memory, values up to 1e14), rebuild it exactly on its new device.
+        super()._apply(fn, recurse)
+        self.reset_buffers()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = self.relative_position_index
         if index.device != x.device and x.device.type != "meta":
-            index = relative_position_index(self.grid, device=x.device)  # e.g. after to_empty()
+            # a model whose modules were moved without nn.Module.to (e.g. by hand or by a wrapper)
+            index = relative_position_index(self.grid, device=x.device)
             self.relative_position_index = index
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
@@ -410,6 +508,49 @@ class CoAtNet(nn.Module):
         # ds_shape: the full shape of a parameter partitioned by DeepSpeed ZeRO-3
         return {name for name, param in self.named_parameters()
                 if len(getattr(param, "ds_shape", param.shape)) <= 1 or "relative_position_bias_table" in name}
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter and buffer as at construction, e.g. after building on
+        the meta device and ``to_empty()``. Visits modules children-first, in registration order
+        (the order their constructors ran), so under the same seed the weights equal a directly
+        built model's."""
+
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                visit(child)
+            for reset in ("reset_parameters", "reset_buffers"):
+                if callable(getattr(module, reset, None)):
+                    getattr(module, reset)()
+
+        visit(self)
+
+    def blocks(self) -> list[nn.Module]:
+        """The units compiled by ``compile_blocks`` (and natural ZeRO-3 leaf modules): the stem,
+        every MBConv and Transformer block, the head."""
+        return [self.stem, *(block for stage in self.stages for block in stage.blocks), self.head]
+
+    def compile_blocks(self, enable: bool = True, **compile_kwargs: Any) -> None:
+        """torch.compile each block's ``forward`` in place (``enable=False`` restores eager).
+
+        Only ``forward`` is compiled, not ``__call__``: hooks on a block (DeepSpeed ZeRO-3 gathers
+        parameters in forward pre-hooks) keep running eagerly around its compiled graph. With
+        ZeRO-3, mark the blocks as leaf modules so that no hooks sit inside a compiled graph:
+        ``deepspeed.utils.set_z3_leaf_modules(model, [type(b) for b in model.blocks()])``.
+        """
+        for block in self.blocks():
+            block.__dict__.pop("forward", None)  # back to the class's forward
+            if enable:
+                block.forward = torch.compile(block.forward, **compile_kwargs)
+
+    def set_attn_backend(self, backend: AttnBackend) -> None:
+        """Switch every attention layer's backend (and the config's) in place."""
+        if backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
+        self.config = dataclasses.replace(self.config, attn_backend=backend)
+        for module in self.modules():
+            if isinstance(module, RelativeAttention):
+                module.attn_backend = backend
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""

@@ -2,9 +2,10 @@
 
 ``count_flops`` returns MULTIPLY-ACCUMULATES (MACs) = FlopCounterMode's FLOPs / 2, the unit the
 CoAtNet paper calls "FLOPs" (and timm's GMACs). Counted: convolutions, linear layers and the two
-attention matmuls (q.k and attn.v; attention is forced through SDPA's math path so that they are
-visible as matmuls). Not counted: norms, activations, pooling, softmax, the bias add, SE's pooling
-- element-wise work that the paper's figures also leave out.
+attention matmuls (q.k and attn.v: our CoAtNet runs its ``math`` attention backend while counted,
+other models SDPA's math path, so that they are visible as matmuls). Not counted: norms,
+activations, pooling, softmax, the bias add, SE's pooling - element-wise work that the paper's
+figures also leave out.
 """
 
 from __future__ import annotations
@@ -32,10 +33,18 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
     param = next(model.parameters())
     images = torch.zeros(batch_size, 3, height, width, device=param.device, dtype=param.dtype)
     was_training = model.training
+    # Our attention picks its SDPA kernels itself (overriding an outer sdpa_kernel): count its
+    # explicit math path, whose two matmuls are what SDPA's math path counts, on every device.
+    config = getattr(model, "config", None)
+    if isinstance(model, CoAtNet):
+        model.set_attn_backend("math")
     model.eval()
     try:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(images)
     finally:
         model.train(was_training)
+        if isinstance(model, CoAtNet):
+            model.set_attn_backend(config.attn_backend)
+            model.config = config
     return counter.get_total_flops() // 2

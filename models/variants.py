@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
+
+import torch
 
 from .coatnet import CoAtNet, CoAtNetConfig, StageConfig
 
@@ -82,9 +85,18 @@ def get_config(name: str, preset: str = "timm", **overrides: Any) -> CoAtNetConf
 
 def create_model(name: str, num_classes: int = 1000, img_size: int | tuple[int, int] = 224,
                  drop_path_rate: float | None = None, grad_checkpointing: bool = False, preset: str = "timm",
-                 **overrides: Any) -> CoAtNet:
+                 device: torch.device | str | None = None, **overrides: Any) -> CoAtNet:
     """Build a variant by name. ``preset='paper'`` gives the paper's main-text form; ``overrides``
-    replace fields of ``CoAtNetConfig`` (e.g. ``pool='max'``, ``dim_head=64``)."""
+    replace fields of ``CoAtNetConfig`` (e.g. ``pool='max'``, ``dim_head=64``, ``attn_backend='flex'``).
+
+    ``device``: build the parameters there (default: the current default device). ``"meta"`` gives
+    shapes without memory, buffers included (coatnet_7 in about a second); materialise with
+    ``model.to_empty(device=...)`` then ``model.init_weights()``.
+    """
     config = get_config(name, preset=preset, **overrides)
-    return CoAtNet(config, num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate,
-                   grad_checkpointing=grad_checkpointing)
+    with contextlib.nullcontext() if device is None else torch.device(device):
+        model = CoAtNet(config, num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate,
+                        grad_checkpointing=grad_checkpointing)
+    if device is not None:
+        model.to(device)  # the relative index is built on the CPU whatever the default device
+    return model
