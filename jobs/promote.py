@@ -1,6 +1,6 @@
 """Promote a registered CoAtNet version to the `champion` alias when it beats the current one.
 
-    python jobs/promote.py --name coatnet-demo [--version 3] [--val data/demo/val] [--margin 0.005]
+    python jobs/promote.py --name coatnet-demo [--version 3] [--val data/demo/val] [--margin 0.005] [--significance 0.05]
     python jobs/promote.py --name coatnet-demo --version 4 --force --reason "hotfix: new label set"
 
 Both versions are evaluated on the same data (--val, default: the candidate's `data.val` tag), each
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--metric", default=None, choices=["top1", "top5", "precision_at_1", "recall_at_5", "mAP"],
                    help="default: top1 for single-label data, precision_at_1 for multi-label")
     p.add_argument("--margin", type=float, default=0.0, help="required improvement of the metric")
+    p.add_argument("--significance", type=float, default=0.05,
+                   help="level of McNemar's paired test the candidate must pass (0 or less: margin only)")
     p.add_argument("--force", action="store_true", help="move the alias even when not better (recorded)")
     p.add_argument("--reason", default="", help="why --force was used (recorded in tags)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
         mlflow.set_tracking_uri(a.tracking_uri)
     try:
         d = promote(a.name, a.version, val=a.val, alias=a.alias, margin=a.margin, metric=a.metric,
+                    significance=a.significance if a.significance > 0 else None,
                     force=a.force, reason=a.reason, batch_size=a.batch_size)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

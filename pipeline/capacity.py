@@ -15,7 +15,7 @@ What it answers, for a variant, resolution, dataset size, epochs, global batch, 
   reduce buckets, a fixed CUDA/NCCL overhead, and activations MEASURED by running forward + backward
   of the actual variant on the meta device with ``torch.autograd.graph.saved_tensors_hooks``
   counting the bytes of every saved tensor's storage (the same bytes a CPU run saves, checked in
-  tests/test_plan.py); with activation checkpointing, composed from the same measurement: what stays
+  tests/test_capacity.py); with activation checkpointing, composed from the same measurement: what stays
   saved outside checkpointed regions + each checkpointed block's input + the largest block's
   saved tensors (recomputed one block at a time in backward).
 - the smallest GPU count that fits (with gradient accumulation when the micro-batch must shrink)
@@ -25,7 +25,6 @@ Everything is importable; ``jobs/capacity.py`` is a thin CLI over ``plan()`` / `
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -34,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
+
+import models
 
 GiB = 1024**3
 TPUV3_CORE_PEAK_FLOPS = 123e12 / 2  # TPUv3 chip: 123 TFLOP/s bf16 peak, 2 cores per chip
@@ -112,51 +113,6 @@ class ZeroSettings:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Move every parameter and buffer to the meta device as it is registered (the approach of
-    accelerate's ``init_empty_weights``): construction runs on CPU, so Python-side tensor use in a
-    model's __init__ works, but weights never materialise and their init runs on meta."""
-    reg_param, reg_buffer = torch.nn.Module.register_parameter, torch.nn.Module.register_buffer
-
-    def register_parameter(self, name, param):
-        reg_param(self, name, param)
-        if param is not None:
-            p = self._parameters[name]
-            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
-
-    def register_buffer(self, name, tensor, persistent=True):
-        reg_buffer(self, name, tensor, persistent)
-        if tensor is not None:
-            self._buffers[name] = self._buffers[name].to("meta")
-
-    torch.nn.Module.register_parameter = register_parameter
-    torch.nn.Module.register_buffer = register_buffer
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = reg_param
-        torch.nn.Module.register_buffer = reg_buffer
-
-
-def build_model(variant: str, img_size: int, device: str = "meta", **overrides) -> torch.nn.Module:
-    """The variant from ``models.create_model`` on ``device``. meta: shapes only, no memory - built
-    under ``torch.device("meta")``, or, when the model's constructor needs real tensors, on CPU with
-    each parameter and buffer moved to meta as it is registered."""
-    import models
-
-    if device != "meta":
-        with torch.device(device):
-            return models.create_model(variant, img_size=img_size, **overrides)
-    try:
-        with torch.device("meta"):
-            model = models.create_model(variant, img_size=img_size, **overrides)
-    except (NotImplementedError, RuntimeError):
-        with _parameters_on_meta():
-            model = models.create_model(variant, img_size=img_size, **overrides)
-    return model.to("meta")  # buffers a constructor pinned to a device (e.g. an index on "cpu")
-
-
 @dataclass(frozen=True)
 class ModelFacts:
     variant: str
@@ -181,7 +137,7 @@ def count_macs(variant: str, img_size: int, device: str = "auto") -> int:
 
     device="auto": on a meta-device model (no memory, no compute: CoAtNet-7's 2.4 B parameters
     would need ~10 GB of host RAM on CPU), falling back to a real CPU model if the counter cannot
-    run on meta. tests/test_plan.py checks that both devices give the same count."""
+    run on meta. tests/test_capacity.py checks that both devices give the same count."""
     import models
 
     if device == "auto":
@@ -189,13 +145,13 @@ def count_macs(variant: str, img_size: int, device: str = "auto") -> int:
             return count_macs(variant, img_size, "meta")
         except (RuntimeError, NotImplementedError, TypeError):
             device = "cpu"
-    model = build_model(variant, img_size, device)
+    model = models.create_model(variant, img_size=img_size, device=device)
     return int(models.count_flops(model, img_size=img_size, batch_size=1))
 
 
 @functools.lru_cache(maxsize=64)
 def model_facts(variant: str, img_size: int, param_persistence_threshold: int = 100_000) -> ModelFacts:
-    model = build_model(variant, img_size, "meta")
+    model = models.create_model(variant, img_size=img_size, device="meta")
     numels = [p.numel() for p in model.parameters()]
     return ModelFacts(
         variant=variant,
@@ -367,8 +323,8 @@ def activation_model(variant: str, img_size: int, batches: tuple[int, int] = (1,
     and fit bytes = a + b x batch (activations are linear in batch; the intercept is the few
     batch-independent saved tensors, e.g. relative-position bias tables)."""
     b0, b1 = batches
-    m0 = measure_activations(build_model(variant, img_size, "meta"), b0, img_size)
-    m1 = measure_activations(build_model(variant, img_size, "meta"), b1, img_size)
+    m0 = measure_activations(models.create_model(variant, img_size=img_size, device="meta"), b0, img_size)
+    m1 = measure_activations(models.create_model(variant, img_size=img_size, device="meta"), b1, img_size)
     slope = (m1.saved_bytes - m0.saved_bytes) / (b1 - b0)
     slope_c = (m1.checkpointed_bytes - m0.checkpointed_bytes) / (b1 - b0)
     return ActivationModel(

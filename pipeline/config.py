@@ -38,6 +38,8 @@ class ModelConfig(Section):
     drop_path_rate: float | None = Field(None, ge=0, lt=1)   # None: the variant's default
     grad_checkpointing: bool = False                 # activation checkpointing
     zero_init: bool = False                          # build under deepspeed.zero.Init (big variants)
+    attn_backend: Literal["auto", "sdpa", "flex", "math"] = "auto"   # see models/README.md
+    compile: bool | None = None                      # torch.compile per block; None: on with GPUs
 
     @field_validator("img_size")
     @classmethod

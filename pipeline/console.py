@@ -13,7 +13,6 @@ and however often the worker group restarted.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
@@ -72,7 +71,6 @@ def captured(log_path: str) -> Iterator[Console]:
     err = os.fdopen(os.dup(saved_err), "w", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    logging.captureWarnings(True)
     _active = Console(out, err, log, log_path)
     try:
         yield _active
@@ -105,9 +103,22 @@ def run_job(job: str, main: Callable[[], int]) -> int:
             return 130
         except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in the log
             traceback.print_exc()
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            con.say(f"error: {type(e).__name__}: {first} (traceback in {path})", error=True)
+            con.say(f"error: {root_cause(e)} (traceback in {path})", error=True)
             return 1
+
+
+def root_cause(e: BaseException) -> str:
+    """One line for an unexpected error. A worker-group failure (Ray Train) carries the workers'
+    tracebacks in its message: name the innermost error raised there, not the wrapper."""
+    import re
+
+    text = str(e)
+    raised = [m.group(0) for m in re.finditer(r"^(?:\S+\s)?[\w.]*(?:Error|Exception)\b[^\n]*$", text, re.M)
+              if not m.group(0).lstrip().startswith(("File ", "raise "))]
+    first = (text.strip().splitlines() or [""])[0]
+    inner = raised[-1].split(") ", 1)[-1].strip() if raised else ""
+    line = f"{type(e).__name__}: {first}" + (f" -> {inner}" if inner and inner not in first else "")
+    return line[:400]
 
 
 class ProgressChannel:

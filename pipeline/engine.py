@@ -79,7 +79,7 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     m = cfg.model
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=m.zero_init):
         model = models.create_model(m.variant, num_classes=m.num_classes, img_size=m.img_size,
-                                    drop_path_rate=m.drop_path_rate,
+                                    drop_path_rate=m.drop_path_rate, attn_backend=m.attn_backend,
                                     grad_checkpointing=m.grad_checkpointing)
     if cfg.init.from_checkpoint:
         sd = checkpoint.load_weights(cfg.init.from_checkpoint)
@@ -132,6 +132,12 @@ def build_engine(cfg: Config, ds_config: dict[str, Any]):
     import deepspeed
 
     model = build_model(cfg, ds_config)
+    if cfg.model.compile if cfg.model.compile is not None else cfg.scaling.use_gpu:
+        # each block's forward compiled, ZeRO-3's gather/release hooks left outside the graphs
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, list({type(b) for b in model.blocks()}))
+        model.compile_blocks()
     optimizer = build_optimizer(cfg, model)
     dtype = compute_dtype(cfg)
     for b in model.buffers():          # DeepSpeed casts parameters; BatchNorm stats must follow

@@ -87,10 +87,12 @@ def mean_average_precision(scores: torch.Tensor, positives: torch.Tensor) -> flo
 
 
 def evaluate_model(model: torch.nn.Module, spec, val: str, *, batch_size: int = 64,
-                   num_workers: int = 0, device: torch.device | None = None) -> dict[str, float]:
+                   num_workers: int = 0, device: torch.device | None = None,
+                   per_sample: bool = False) -> dict:
     """Metrics of ``model`` over every sample of the split ``val`` (folder or URL of its index), read
     by pipeline.data's StreamingLoader with the model's own eval preprocessing (``spec``:
-    ``pipeline.spec.ModelSpec``). Adds ``num_samples``. Raises DataError on unusable data."""
+    ``pipeline.spec.ModelSpec``). Adds ``num_samples``; with ``per_sample`` also ``correct``:
+    {sample key: top-1 hit} (for paired tests between models). Raises DataError on unusable data."""
     from pipeline.data import DataError, StreamingLoader
     from pipeline.spec import spec_augment
 
@@ -103,9 +105,14 @@ def evaluate_model(model: torch.nn.Module, spec, val: str, *, batch_size: int = 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     scores = Scores(loader.index.label_type, keep_outputs=loader.index.label_type == "multi")
+    correct: dict[str, bool] = {}
     with torch.inference_mode():
         for batch in loader:
-            scores.update(model(batch.images.to(device)), batch.labels.to(device))
+            if not len(batch):
+                continue
+            hit = scores.update(model(batch.images.to(device)), batch.labels.to(device))
+            if per_sample:
+                correct.update(zip(batch.keys, hit.tolist()))
     if scores.count == 0:
         raise DataError(f"no samples in {val!r}")
-    return {**scores.result(), "num_samples": scores.count}
+    return {**scores.result(), "num_samples": scores.count, **({"correct": correct} if per_sample else {})}

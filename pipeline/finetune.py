@@ -201,12 +201,13 @@ def adapt(source: SourceModel, variant: str, img_size: int, num_classes: int, *,
     """Source weights -> (state dict for the new network, re-initialised head keys): bias tables
     resized (bilinear), a head of another class count dropped; anything else that does not fit is
     a FinetuneError naming it. ``model``: the target network (default: built on the meta device)."""
-    from pipeline.capacity import build_model
+    import models
 
     if source.variant and source.variant != variant:
         raise FinetuneError(f"incompatible checkpoint: {source.ref} is a {source.variant}, the config builds "
                             f"a {variant} (set model.variant={source.variant})")
-    model = model if model is not None else build_model(variant, img_size, num_classes=num_classes)
+    model = model if model is not None else models.create_model(variant, num_classes=num_classes,
+                                                                   img_size=img_size, device="meta")
     try:
         return checkpoint.adapt_state_dict(model, dict(source.state_dict), img_size=img_size,
                                            reset_head=reset_head, strict=strict)

@@ -60,6 +60,7 @@ class PromoteSpec(Section):
     alias: str = "champion"
     margin: float = 0.0
     metric: str | None = Field(None, pattern="^(top1|top5|precision_at_1|recall_at_5|mAP)$")  # None: by label type
+    significance: float | None = Field(0.05, gt=0, lt=1)   # McNemar's paired test; None: margin only
 
 
 class WorkflowConfig(Section):
@@ -376,7 +377,7 @@ def _promote(plan: Plan, book: Book, run_id: str, version: str, val: str) -> dic
 
     p = plan.wf.promote
     d = promote(plan.wf.registry.name, version, val=val, alias=p.alias, margin=p.margin,
-                metric=p.metric, batch_size=plan.wf.evaluate.batch_size)
+                metric=p.metric, significance=p.significance, batch_size=plan.wf.evaluate.batch_size)
     for k, v in d.to_dict().items():
         book.c.set_tag(run_id, f"promotion.{k}", str(v))
     say(f"[workflow] promote: {d.action} (candidate {d.candidate_score}, champion {d.champion_score}); "

@@ -54,7 +54,7 @@ def test_meta_activation_measurement_equals_a_real_cpu_run():
     # fp32 here: CPU bf16 kernels are slow, and the claim (meta sees the same saved bytes as a
     # real run) does not depend on the dtype; the planner itself measures in bf16.
     torch.manual_seed(0)
-    meta = planner.measure_activations(planner.build_model(TINY, TINY_RES, "meta"), 4, TINY_RES,
+    meta = planner.measure_activations(models.create_model(TINY, img_size=TINY_RES, device="meta"), 4, TINY_RES,
                                        dtype=torch.float32)
     cpu = planner.measure_activations(models.create_model(TINY, img_size=TINY_RES), 4, TINY_RES,
                                       dtype=torch.float32)
@@ -67,7 +67,7 @@ def test_meta_activation_measurement_equals_a_real_cpu_run():
 
 def test_activation_model_is_linear_in_batch():
     act = planner.activation_model(TINY, TINY_RES)
-    measured = planner.measure_activations(planner.build_model(TINY, TINY_RES, "meta"), 8, TINY_RES)
+    measured = planner.measure_activations(models.create_model(TINY, img_size=TINY_RES, device="meta"), 8, TINY_RES)
     assert act.bytes(8, False) == pytest.approx(measured.saved_bytes, rel=0.02)
     assert act.bytes(8, True) == pytest.approx(measured.checkpointed_bytes, rel=0.05)
     assert act.per_image > 0

@@ -215,13 +215,52 @@ def test_promotion(trained, untrained, shards, tracking, tmp_path):
     r = _run_job("promote.py", ["--name", NAME, "--version", "2"], tracking, tmp_path)
     assert json.loads(r.stdout.strip().splitlines()[-1])["action"] == "already_champion"
 
-    # the better model takes it back, by margin; no version was ever deleted
+    # the better model takes it back, by margin and significantly; no version was ever deleted
     d = promote(NAME, "1", margin=0.01)
     assert d.action == "promoted" and d.champion_after == "1"
+    assert d.test == "mcnemar-exact" and d.p_value < 1e-6, d
+    b, c_ = (int(x.split("=")[1]) for x in d.statistic.split(","))
+    assert b > c_ and b + c_ <= 160
+    v1 = c.get_model_version(NAME, "1").tags
+    assert v1["promotion.test"] == "mcnemar-exact" and float(v1["promotion.p_value"]) == pytest.approx(d.p_value, rel=1e-2)
     assert sorted(str(v.version) for v in c.search_model_versions(f"name='{NAME}'")) == ["1", "2"]
+    # MLflow keeps no alias history; we do: initial v1, forced v2, promoted v1 - who, when, why
+    tags = c.get_registered_model(NAME).tags
+    history = [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith("alias.champion.history."))]
+    assert [(h["from"], h["to"], h["action"]) for h in history] == [(None, "1", "initial"), ("1", "2", "forced"),
+                                                                   ("2", "1", "promoted")]
+    assert history[1]["reason"] == "rollback drill" and "mcnemar-exact" in history[2]["reason"]
+    assert all(h["by"] and h["time"] for h in history)
 
 
 @pytest.mark.slow   # Ray Data
+def test_significance_gate_rejects_a_better_score_that_could_be_chance(trained, untrained, shards, tracking):
+    """A candidate 2 points better on 160 samples, from 5 samples only it gets right against 2 only
+    the champion gets right: above the margin, not significant (p = 0.23) - rejected; with the test
+    off it would pass on the margin alone."""
+    from pipeline.promote import mcnemar_exact, promote
+
+    _log(*trained, shards)          # v1
+    _log(*untrained, shards)        # v2
+    keys = [f"{i:09d}" for i in range(160)]
+    champ = {k: i < 100 for i, k in enumerate(keys)}                     # 100 right
+    cand = dict(champ, **{keys[i]: True for i in range(100, 105)},        # +5 only it gets right
+                **{keys[i]: False for i in range(0, 2)})                  # -2 only the champion does
+
+    def fake(uri):
+        right = cand if uri.endswith("/2") else champ
+        return {"top1": sum(right.values()) / 160, "num_samples": 160, "correct": right}
+
+    assert promote(NAME, "1", evaluator=fake).action == "initial"
+    d = promote(NAME, "2", margin=0.01, evaluator=fake)
+    assert d.candidate_score - d.champion_score == pytest.approx(3 / 160, abs=1e-6)
+    assert d.action == "rejected" and d.statistic == "b=5,c=2"
+    assert d.p_value == pytest.approx(mcnemar_exact(5, 2)) == pytest.approx(29 / 128)
+    # per-sample results are cached with the version: no evaluation on a changed-level re-run
+    d = promote(NAME, "2", margin=0.01, significance=0.5, evaluator=lambda uri: pytest.fail("re-evaluated"))
+    assert d.action == "promoted" and d.test == "mcnemar-exact"
+
+
 def test_predict_files_and_shards_through_ray(trained, shards, tracking, tmp_path, ray_local):
     from pipeline.predict import iter_samples, predict
     from pipeline.promote import promote
@@ -337,8 +376,8 @@ def test_multi_label_model_is_evaluated_and_promoted_by_precision_at_1(tmp_path,
           f"trained P@1 {s2['precision_at_1']:.3f} mAP {s2['mAP']:.3f}")
     assert s2["precision_at_1"] > s1["precision_at_1"] and s2["mAP"] > s1["mAP"]
     assert promote("coatnet-multi", v1).action == "initial"
-    d = promote("coatnet-multi", v2)
-    assert d.action == "promoted" and d.metric == "precision_at_1"
+    d = promote("coatnet-multi", v2, significance=None)      # the paired test has its own test above
+    assert d.action == "promoted" and d.metric == "precision_at_1", d
     assert d.candidate_score == pytest.approx(s2["precision_at_1"], abs=1e-6)
     tags = mlflow.MlflowClient().get_model_version("coatnet-multi", v2).tags
     assert tags["promotion.metric"] == "precision_at_1"
