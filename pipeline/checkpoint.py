@@ -9,9 +9,11 @@ Layout of one checkpoint folder (a Ray Train checkpoint under ``<storage_path>/<
       bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt    (one per rank: fp32 master + Adam moments)
     ema/rank_{r}.pt                (only with train.ema_decay: the rank's fp32 EMA partition)
 
-``consolidate(dir)`` turns the shards into one fp32 state dict (any single process, no process
-group); ``save_weights``/``load_weights`` write and read it as a plain tensor dict that loads with
-``torch.load(weights_only=True)`` into ``models.create_model``.
+``consolidate_to(dir, out)`` streams the shards into fp32 safetensors files (``model.safetensors``, or
+``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` above ``max_shard_size``)
+through DeepSpeed's converter: one output shard in memory at a time, never the whole model.
+``load_weights`` reads such a folder (or a single .safetensors / legacy .pt file) into a state dict
+for ``models.create_model``; ``consolidate(dir)`` returns the whole fp32 state dict (small models).
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from pipeline.errors import PipelineError
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
-WEIGHTS_FILE = "model.pt"
+WEIGHTS_DIR = "weights"                 # a folder of safetensors files (see load_weights)
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 class IncompatibleWeights(PipelineError, ValueError):
@@ -175,23 +179,64 @@ def consolidate(directory: str) -> dict[str, torch.Tensor]:
     return to_fp32(get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG))
 
 
+def consolidate_to(directory: str, out_dir: str, *, max_shard_size: str = "512MB") -> str:
+    """Stream the ZeRO-3 checkpoint in ``directory`` into fp32 safetensors files in ``out_dir``
+    (local) with DeepSpeed's converter: shard files are memory-mapped and one output shard at a
+    time is materialised. Returns ``out_dir``."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        convert_zero_checkpoint_to_fp32_state_dict(directory, out_dir, max_shard_size=max_shard_size,
+                                                   safe_serialization=True, tag=DS_TAG)
+    return out_dir
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], url: str) -> str:
-    """Write an fp32 state dict to a local path or fsspec URL."""
+    """Write an fp32 state dict as ``<url>/model.safetensors`` (a local path or fsspec URL of a folder)."""
     import fsspec
+    from safetensors.torch import save
 
     fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with fs.open(path, "wb") as f:
-        torch.save(to_fp32(state_dict), f)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path.rstrip('/')}/{SAFETENSORS_FILE}", "wb") as f:
+        f.write(save(to_fp32(state_dict), metadata={"format": "pt"}))
     return url
 
 
-def load_weights(url: str) -> dict[str, torch.Tensor]:
-    """An fp32 state dict from a local path or fsspec URL (weights_only: no code is unpickled)."""
+def weight_files(url: str) -> list[str]:
+    """The files holding the weights at ``url``: a .safetensors or legacy .pt file, or a folder with
+    model.safetensors or a safetensors index and its shards."""
     import fsspec
 
-    with fsspec.open(url, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
+    fs, path = fsspec.core.url_to_fs(url)
+    proto = url.split("://", 1)[0] + "://" if "://" in url else ""
+    if fs.isfile(path):
+        return [url]
+    base = path.rstrip("/")
+    if fs.exists(f"{base}/{SAFETENSORS_INDEX}"):
+        with fs.open(f"{base}/{SAFETENSORS_INDEX}", "r") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [f"{proto}{base}/{name}" for name in shards]
+    if fs.exists(f"{base}/{SAFETENSORS_FILE}"):
+        return [f"{proto}{base}/{SAFETENSORS_FILE}"]
+    raise FileNotFoundError(f"no weights at {url} (expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or a .pt file)")
+
+
+def load_weights(url: str) -> dict[str, torch.Tensor]:
+    """An fp32 state dict from ``weight_files(url)``; safetensors (or ``torch.load(weights_only=True)``
+    for a legacy .pt file): no code is ever unpickled."""
+    import fsspec
+    from safetensors.torch import load
+
+    out: dict[str, torch.Tensor] = {}
+    for file in weight_files(url):
+        with fsspec.open(file, "rb") as f:
+            out.update(load(f.read()) if file.endswith(".safetensors")
+                       else torch.load(f, map_location="cpu", weights_only=True))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ class StorageConfig(Section):
 
 
 class InitConfig(Section):
-    """Start from existing weights (fine-tuning): an fp32 state dict file (``model.pt`` of a
+    """Start from existing weights (fine-tuning): fp32 weights (a ``weights/`` safetensors folder of a
     pretraining run, local or fsspec URL). Relative-position tables are resized to
     ``model.img_size``; a head whose shape differs is replaced (``reset_head``: always)."""
     from_checkpoint: str | None = None

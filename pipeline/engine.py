@@ -132,18 +132,16 @@ def build_engine(cfg: Config, ds_config: dict[str, Any]):
     import deepspeed
 
     model = build_model(cfg, ds_config)
-    if cfg.model.compile if cfg.model.compile is not None else cfg.scaling.use_gpu:
-        # each block's forward compiled, ZeRO-3's gather/release hooks left outside the graphs
-        from deepspeed.utils import set_z3_leaf_modules
-
-        set_z3_leaf_modules(model, list({type(b) for b in model.blocks()}))
-        model.compile_blocks()
     optimizer = build_optimizer(cfg, model)
     dtype = compute_dtype(cfg)
     for b in model.buffers():          # DeepSpeed casts parameters; BatchNorm stats must follow
         if b.is_floating_point():
             b.data = b.data.to(dtype)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.model.compile if cfg.model.compile is not None else cfg.scaling.use_gpu:
+        # DeepSpeed's own torch.compile integration: it knows where ZeRO-3 gathers and releases
+        # parameters (compiling the blocks ourselves breaks ZeRO-3's backward: released parameters)
+        engine.compile()
     return engine, optimizer
 
 

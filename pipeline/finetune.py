@@ -9,13 +9,13 @@ What happens (the training itself is the pretraining machinery, ``pipeline.launc
 
 1. ``resolve_source``: the reference becomes one fp32 state dict plus what it is (variant,
    resolution, classes). ZeRO-3 checkpoints are consolidated (``checkpoint.consolidate``); MLflow
-   runs give their ``weights/model.pt`` artifact; registered models come through
+   runs give their ``weights/`` artifact (safetensors); registered models come through
    ``registry.load_model``.
 2. ``stage_init``: checked against the fine-tuning config on the driver BEFORE any worker starts
    (a meta-device model: no memory): same variant, every body tensor present with a fitting shape
    after the relative-position tables are resized (``models.resize_state_dict``, bilinear); a head
    whose class count differs is re-initialised. Errors are ``FinetuneError`` naming the tensors.
-   The weights are written next to the run (``<storage>/<name>/init/model.pt``, shared storage so
+   The weights are written next to the run (``<storage>/<name>/init/``, shared storage so
    every worker of a cluster can read them) and become ``init.from_checkpoint``.
 3. ``launch.run(stage="finetune", extra_tags=...)`` trains; its MLflow run carries the lineage
    (``coatnet.source``, ``coatnet.parent_run`` = the pretraining run, ``coatnet.source_checkpoint``,
@@ -72,7 +72,7 @@ class SourceModel:
 
 def resolve_source(ref: str, *, tracking_uri: str | None = None) -> SourceModel:
     """An MLflow run id, ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, ``runs:/ID/...``, or a
-    folder/URL (a Ray run folder, one checkpoint folder, a folder holding ``model.pt`` or an MLflow
+    folder/URL (a Ray run folder, one checkpoint folder, a weights folder or file, an MLflow
     model) or a ``.pt`` file -> SourceModel. FinetuneError (or RegistryError for a bad model URI)
     with a one-line reason otherwise."""
     import mlflow
@@ -110,14 +110,15 @@ def _from_run(run_id: str) -> SourceModel:
     tmp = tempfile.mkdtemp(prefix="ft-src-")
     try:
         try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="weights/model.pt", dst_path=tmp)
-            sd = _load_pt(path)
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=checkpoint.WEIGHTS_DIR,
+                                                       dst_path=tmp)
+            sd = _load_weights(path)
             ck = tags.get("coatnet.checkpoint")
         except Exception:  # noqa: BLE001 - no weights artifact: fall back to the run's checkpoint
             ck = tags.get("coatnet.checkpoint")
             if not ck:
                 status = run.info.status
-                raise FinetuneError(f"MLflow run {run_id} has no weights/model.pt artifact and no "
+                raise FinetuneError(f"MLflow run {run_id} has no weights/ artifact and no "
                                     f"coatnet.checkpoint tag (status {status}: did it finish?)") from None
             src = _from_path(ck)
             sd = src.state_dict
@@ -126,7 +127,7 @@ def _from_run(run_id: str) -> SourceModel:
     return SourceModel("run", run_id, sd, variant, img, ncls, None, run_id, None, ck)
 
 
-def _load_pt(path: str) -> dict[str, torch.Tensor]:
+def _load_weights(path: str) -> dict[str, torch.Tensor]:
     try:
         sd = checkpoint.load_weights(path)
     except Exception as e:  # noqa: BLE001 - unpickling refused, truncated file...
@@ -150,7 +151,7 @@ def _from_path(ref: str) -> SourceModel:
     if not fs.exists(path):
         raise FinetuneError(f"source {ref!r}: no such run id, model URI, folder or file")
     if fs.isfile(path):
-        return SourceModel("weights", ref, _load_pt(ref), None, None, None)
+        return SourceModel("weights", ref, _load_weights(ref), None, None, None)
     if fs.exists(f"{path}/MLmodel"):
         from pipeline.registry import load_model
 
@@ -161,10 +162,14 @@ def _from_path(ref: str) -> SourceModel:
     if not fs.exists(f"{path}/{checkpoint.STATE_FILE}"):
         cks = _checkpoint_dirs(fs, path)
         if not cks:
-            if fs.exists(f"{path}/{checkpoint.WEIGHTS_FILE}"):
-                return SourceModel("weights", ref, _load_pt(full(f"{path}/{checkpoint.WEIGHTS_FILE}")), None, None, None)
+            for weights in (path, f"{path}/{checkpoint.WEIGHTS_DIR}"):
+                try:
+                    checkpoint.weight_files(full(weights))
+                except FileNotFoundError:
+                    continue
+                return SourceModel("weights", ref, _load_weights(full(weights)), None, None, None)
             raise FinetuneError(f"source {ref!r}: no checkpoint in this folder (expected {checkpoint.STATE_FILE} "
-                                f"and ds/, checkpoint_* folders, {checkpoint.WEIGHTS_FILE} or an MLflow model)")
+                                f"and ds/, checkpoint_* folders, safetensors weights or an MLflow model)")
         ck_dir = cks[-1]
     # one checkpoint folder: ZeRO-3 shards -> fp32, on this process (no process group)
     tmp = None
@@ -218,12 +223,12 @@ def adapt(source: SourceModel, variant: str, img_size: int, num_classes: int, *,
 
 def stage_init(cfg, source: SourceModel):
     """Check the source against ``cfg`` (resolved: num_classes known) and write the initial weights
-    to ``<storage>/<name>/init/model.pt``; returns the config with ``init.from_checkpoint`` set."""
+    to ``<storage>/<name>/init/`` (safetensors); returns the config with ``init.from_checkpoint`` set."""
     m = cfg.model
     sd, dropped = adapt(source, m.variant, m.img_size, m.num_classes, reset_head=cfg.init.reset_head,
                         strict=cfg.init.strict)
     del sd   # checked only; the workers do the same surgery from the original weights
-    url = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}/init/{checkpoint.WEIGHTS_FILE}"
+    url = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}/init"
     checkpoint.save_weights(source.state_dict, url)
     cfg = cfg.model_copy(deep=True)
     cfg.init.from_checkpoint = url

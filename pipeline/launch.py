@@ -125,6 +125,9 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
     w = cfg.scaling.num_workers
     if val is not None and val.num_samples < w:
         raise ConfigError(f"data.val_split: {val.num_samples} samples for {w} workers")
+    if cfg.model.compile and cfg.train.bf16 and not cfg.scaling.use_gpu:
+        raise ConfigError("model.compile with train.bf16 on CPU workers: torch 2.13's inductor fails to build "
+                          "bf16 CPU kernels (CppCompileError); set train.bf16=false or model.compile=false")
     s = cfg.scaling
     if s.min_workers:
         t = cfg.train
@@ -248,25 +251,26 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
     if result.error:
         tracking.client(uri).set_terminated(run_id, status="FAILED")
         raise result.error
-    # consolidate the final ZeRO-3 checkpoint to one fp32 state dict, log it
+    # stream the final ZeRO-3 checkpoint into fp32 safetensors shards; keep them with the run, log them
     weights, ck_path, steps = None, None, 0
     if result.checkpoint is not None:
         ck_path = result.checkpoint.path if not cfg.storage.storage_path.startswith("s3://") \
             else f"s3://{result.checkpoint.path}"
+        out_dir = tempfile.mkdtemp(prefix="weights-")
         with result.checkpoint.as_directory() as d:
             state = checkpoint.read_state(d)
-            sd = checkpoint.consolidate(d)
-        out_dir = tempfile.mkdtemp(prefix="weights-")
-        weights = checkpoint.save_weights(sd, os.path.join(out_dir, checkpoint.WEIGHTS_FILE))
-        if not is_remote(cfg.storage.storage_path):
-            keep = os.path.join(cfg.storage.storage_path, cfg.storage.name, checkpoint.WEIGHTS_FILE)
-            shutil.copyfile(weights, keep)
+            local = checkpoint.consolidate_to(d, os.path.join(out_dir, checkpoint.WEIGHTS_DIR))
         tracking.with_retries(
-            lambda: tracking.finish_run(uri, run_id, weights_path=weights, resolved=resolved_dict(cfg),
+            lambda: tracking.finish_run(uri, run_id, weights_dir=local, resolved=resolved_dict(cfg),
                                         tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"}),
             timeout_s=cfg.tracking.outage_timeout_s, what="finishing the run", say=say)
+        if is_remote(cfg.storage.storage_path):
+            weights = f"runs:/{run_id}/{checkpoint.WEIGHTS_DIR}"
+        else:
+            weights = os.path.join(cfg.storage.storage_path, cfg.storage.name, checkpoint.WEIGHTS_DIR)
+            shutil.rmtree(weights, ignore_errors=True)
+            shutil.copytree(local, weights)
         shutil.rmtree(out_dir, ignore_errors=True)
-        weights = keep if not is_remote(cfg.storage.storage_path) else f"runs:/{run_id}/weights/{checkpoint.WEIGHTS_FILE}"
         steps = state.step
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return RunSummary(cfg.storage.name, ck_path, weights, run_id, uri, cfg.tracking.experiment,

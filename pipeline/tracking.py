@@ -13,7 +13,8 @@ Run structure (what the fine-tuning/registry stages can rely on):
   eval/top5 = recall@5 of a positive), eval/loss
 - system metrics (MLflow's own monitor, from the rank-0 worker): ``system/cpu_utilization_percentage``,
   ``system/system_memory_usage_megabytes``, GPU utilisation and memory when there is a GPU
-- artifact ``weights/model.pt``: consolidated fp32 state dict (torch.load(weights_only=True)),
+- artifact ``weights/``: the consolidated fp32 weights as safetensors (``model.safetensors``, or shards
+  and ``model.safetensors.index.json``; ``pipeline.checkpoint.load_weights`` reads either),
   ``config/resolved.json``
 """
 from __future__ import annotations
@@ -183,7 +184,7 @@ class SystemMetrics:
             self._monitor = None
 
 
-def finish_run(uri: str, run_id: str, *, weights_path: str | None, resolved: dict[str, Any],
+def finish_run(uri: str, run_id: str, *, weights_dir: str | None, resolved: dict[str, Any],
                tags: dict[str, str], status: str = "FINISHED") -> None:
     from pipeline.config import scrub_text
 
@@ -195,8 +196,8 @@ def finish_run(uri: str, run_id: str, *, weights_path: str | None, resolved: dic
         with open(p, "w") as f:
             json.dump(resolved, f, indent=1)
         c.log_artifact(run_id, p, artifact_path="config")
-    if weights_path:
-        c.log_artifact(run_id, weights_path, artifact_path="weights")
+    if weights_dir:
+        c.log_artifacts(run_id, weights_dir, artifact_path="weights")
     c.set_terminated(run_id, status=status)
 
 

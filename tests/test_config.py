@@ -149,3 +149,10 @@ def test_every_recipe_says_how_to_run_it_and_what_to_expect():
         desc = yaml.safe_load(open(path))["description"]
         assert "Run: " in desc and "Expect: " in desc, path
         assert os.path.basename(path) in desc or "make pretrain" in desc or "jobs/" in desc, path
+
+
+def test_preflight_refuses_bf16_compile_on_cpu(demo_data, tmp_path):
+    with pytest.raises(ConfigError, match="model.compile with train.bf16 on CPU"):
+        _prepare(demo_data, tmp_path, "model.compile=true", "train.bf16=true")
+    with pytest.raises(ConfigError, match="scaling.min_workers"):
+        _prepare(demo_data, tmp_path, "scaling.min_workers=3")

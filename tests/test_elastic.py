@@ -49,6 +49,13 @@ def test_resume_on_fewer_then_more_workers(tmp_path):
                            if "running" not in k and "num_batches" not in k and "relative_position_index" not in k))
         assert starts[0]["param_sq_sum"] == pytest.approx(expect, rel=1e-3), (starts[0], expect, from_world)
 
+    # the streamed consolidation (safetensors shards + index) equals the in-memory one
+    streamed = checkpoint.load_weights(checkpoint.consolidate_to(
+        f"{storage}/elastic/checkpoint_00000008", str(tmp_path / "w8"), max_shard_size="300KB"))
+    assert len(checkpoint.weight_files(str(tmp_path / "w8"))) > 1            # really sharded
+    whole = checkpoint.consolidate(f"{storage}/elastic/checkpoint_00000008")
+    assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k]) for k in whole)
+
     # one MLflow run, every step logged once, no jump in the loss at either change
     _, runs = _run(uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

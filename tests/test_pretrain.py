@@ -178,7 +178,7 @@ def test_mlflow_run_has_params_metrics_and_falling_loss(s3_run):
     assert "system/cpu_utilization_percentage" in run.data.metrics     # MLflow's own monitor
     assert 0 <= run.data.metrics["eval/top1"] <= run.data.metrics["eval/top5"] <= 1
     arts = {a.path for a in c.list_artifacts(run.info.run_id, "weights")}
-    assert arts == {"weights/model.pt"}
+    assert arts == {"weights/model.safetensors"}
 
 
 def test_checkpoints_on_s3_keep_last(s3_run):
@@ -198,8 +198,10 @@ def test_consolidated_fp32_weights_match_live_and_load(s3_run, tmp_path):
     import models
 
     c, runs = _run(s3_run["uri"])
-    path = c.download_artifacts(runs[0].info.run_id, "weights/model.pt", str(tmp_path))
-    sd = torch.load(path, weights_only=True)
+    from pipeline.checkpoint import load_weights
+
+    path = c.download_artifacts(runs[0].info.run_id, "weights", str(tmp_path))
+    sd = load_weights(path)                      # safetensors: nothing is unpickled
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
     model = models.create_model("coatnet_pico", num_classes=10, img_size=32)
     res = model.load_state_dict(sd, strict=True)
@@ -261,7 +263,7 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
         killed_at = last_step(keys_dir, 0)
     finally:
         kill_session(proc)              # the driver and its private Ray, nothing else
-    assert not os.path.exists(f"{storage}/stopme/model.pt")
+    assert not os.path.exists(f"{storage}/stopme/weights")
     r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr

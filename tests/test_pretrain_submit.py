@@ -91,4 +91,4 @@ def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
     runs = c.search_runs([c.get_experiment_by_name("test-pretrain").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["train/samples_seen"] == 2 * 16
-    assert os.path.exists(tmp_path / "runs" / "submitted" / "model.pt")
+    assert os.path.exists(tmp_path / "runs" / "submitted" / "weights" / "model.safetensors")

@@ -98,7 +98,7 @@ def test_training_survives_a_tracking_server_outage(tmp_path, tmp_path_factory):
         steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "train/loss"))
         assert steps == list(range(1, STEPS + 1)), steps       # every step, the outage's included
         assert "train/dropped_metric_values" not in run.data.metrics
-        assert {a.path for a in c.list_artifacts(run.info.run_id, "weights")} == {"weights/model.pt"}
+        assert {a.path for a in c.list_artifacts(run.info.run_id, "weights")} == {"weights/model.safetensors"}
         print(f"outage of {outage_s:.0f} s during a {STEPS}-step run: nothing lost")
     finally:
         stop_server(server)
