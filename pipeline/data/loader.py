@@ -66,9 +66,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.cropdecode import CropDecoder
 from pipeline.data.index import ShardIndex, ShardTable
 from pipeline.data.reader import (DEFAULT_MAX_PIXELS, BadSample, ChecksumMismatch, CountingReader,
-                                  decode_sample, fetch_verified, tar_samples)
+                                  decode_sample, fetch_verified, parse_labels, tar_samples)
 from pipeline.data.storage import (DataError, RetryPolicy, is_retryable, open_file, redact_url,
                                    register_webdataset_handlers, resolve_url)
 from pipeline.data.transforms import AugmentConfig, DeviceBatchTransform, crop_transform
@@ -498,16 +499,30 @@ class _StreamJob:
     storage_options: dict[str, Any] | None
     max_pixels: int
     output: Literal["float", "uint8"] = "float"
+    crop_decode: bool = True
 
 
-def _sample_tensor(item: _Raw, job: _StreamJob, transform: Any) -> tuple[torch.Tensor, int | list[int]]:
-    """One sample through decode, conversion and the per-sample transform; BadSample if any
-    step fails or the result is not a [3, img_size, img_size] uint8 image."""
-    image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels)
-    try:
-        out = transform(image)
-    except Exception as exc:
-        raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
+def _sample_tensor(item: _Raw, job: _StreamJob, transform: Any,
+                   crop_decoder: CropDecoder | None = None) -> tuple[torch.Tensor, int | list[int]]:
+    """One sample through decode, conversion and the per-sample transform (a JPEG through
+    ``crop_decoder`` when given: decode and crop in one); BadSample if any step fails or the
+    result is not a [3, img_size, img_size] uint8 image."""
+    jpeg = next((item.files[e] for e in ("jpg", "jpeg") if e in item.files), None)
+    out: torch.Tensor | None = None
+    if crop_decoder is not None and jpeg is not None:
+        label = parse_labels(item.files, job.label_type, job.num_classes)
+        try:
+            out = crop_decoder(jpeg)
+        except BadSample:
+            raise
+        except Exception as exc:
+            raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
+    if out is None:
+        image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels)
+        try:
+            out = transform(image)
+        except Exception as exc:
+            raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
     if out.shape != (3, job.img_size, job.img_size) or out.dtype != torch.uint8:
         raise BadSample(f"transform gave {tuple(out.shape)} {out.dtype}, expected "
                         f"(3, {job.img_size}, {job.img_size}) uint8")
@@ -527,6 +542,8 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
     items = iter(reader)
     read_ahead: dict[int, _Raw | SkippedSample] = {}
     transform = crop_transform(job.augment, job.img_size, job.train)
+    crop_decoder = (CropDecoder(job.augment, job.img_size, job.max_pixels)
+                    if job.train and job.crop_decode else None)
     per_batch = DeviceBatchTransform(job.augment, job.num_classes, job.label_type,  # type: ignore[arg-type]
                                      train=job.train)
     retries_reported = 0
@@ -544,7 +561,7 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                     skipped.append(item)
                     continue
                 try:
-                    image, label = _sample_tensor(item, job, transform)
+                    image, label = _sample_tensor(item, job, transform, crop_decoder)
                 except BadSample as exc:
                     skipped.append(SkippedSample(item.shard, item.key, str(exc)))
                     continue
@@ -609,7 +626,7 @@ class StreamingLoader:
                  retry: RetryPolicy | None = None, storage_options: dict[str, Any] | None = None,
                  multiprocessing_context: str | None = None,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 output: Literal["float", "uint8"] = "float") -> None:
+                 output: Literal["float", "uint8"] = "float", crop_decode: bool = True) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if batch_size < 1 or num_workers < 0 or img_size < 8:
@@ -636,6 +653,7 @@ class StreamingLoader:
         self.multiprocessing_context = multiprocessing_context
         self.max_image_pixels = max_image_pixels
         self.output = output
+        self.crop_decode = crop_decode
         self.plan = PlanConfig(world_size=world_size, rank=rank, num_streams=max(1, num_workers),
                                batch_size=batch_size, seed=seed,
                                shuffle=train if shuffle is None else shuffle,
@@ -751,7 +769,7 @@ class StreamingLoader:
                           self._epoch, len(self._generations), tuple(streams), tuple(self._consumed),
                           self.img_size, self.train, self.augment, self.retry,
                           self.verify_checksums, self.storage_options, self.max_image_pixels,
-                          self.output)
+                          self.output, self.crop_decode)
 
     def _record(self, batch: Batch) -> None:
         self._consumed[batch.stream] += 1
