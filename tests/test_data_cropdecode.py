@@ -72,3 +72,15 @@ def test_not_a_plain_jpeg_takes_the_general_path_and_bombs_are_refused():
     assert decoder(truncated) is None                      # the general path reports it:
     with pytest.raises(BadSample, match="corrupt"):
         decode_rgb8(truncated)
+
+
+def test_loader_with_crop_aware_decode_gives_the_same_batches(tmp_path):
+    from pipeline.data import ShardIndex, StreamingLoader, write_demo_shards
+
+    write_demo_shards(str(tmp_path), num_train=24, num_val=0, image_size=20, samples_per_shard=12)
+    index = ShardIndex.load(str(tmp_path / "train"))
+    cfg = AugmentConfig(randaug_n=2, randaug_m=9, mixup_alpha=0.0)   # boxes < 2x output: no scaling
+    make = lambda crop_decode: list(StreamingLoader(index, batch_size=8, img_size=16, num_workers=0,
+                                                    augment=cfg, output="uint8", crop_decode=crop_decode))
+    for a, b in zip(make(True), make(False)):
+        assert a.keys == b.keys and torch.equal(a.images, b.images)

@@ -12,6 +12,12 @@ The random draws are torchvision's own, in the same order as ``transforms.crop_t
 flip and RandAugment ops are exactly those of the general path; without DCT scaling the pixels
 are identical too. Anything but a JPEG in L or RGB (PNG, WebP, CMYK, ...), or one that fails to
 decode, returns None and takes the general path, which reports it.
+
+Off by default (``StreamingLoader(crop_decode=True)`` turns it on): measured on q90 photographs,
+DCT scaling saves little because Huffman decoding dominates - 0.60 -> 0.56 ms at 1/2 scale for a
+500x375 image, 7.5 -> 4.8 ms at 1/8 for a 2000x1500 one - and at 224 px the boxes of 500x375
+images are never 2x the output. Capping the stored size (``make_shards --max-side``) is the lever
+that pays; this helps only for large stored images trained at a low resolution.
 """
 from __future__ import annotations
 

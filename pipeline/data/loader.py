@@ -499,7 +499,7 @@ class _StreamJob:
     storage_options: dict[str, Any] | None
     max_pixels: int
     output: Literal["float", "uint8"] = "float"
-    crop_decode: bool = True
+    crop_decode: bool = False
 
 
 def _sample_tensor(item: _Raw, job: _StreamJob, transform: Any,
@@ -626,7 +626,7 @@ class StreamingLoader:
                  retry: RetryPolicy | None = None, storage_options: dict[str, Any] | None = None,
                  multiprocessing_context: str | None = None,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 output: Literal["float", "uint8"] = "float", crop_decode: bool = True) -> None:
+                 output: Literal["float", "uint8"] = "float", crop_decode: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if batch_size < 1 or num_workers < 0 or img_size < 8:
