@@ -529,6 +529,16 @@ def _sample_tensor(item: _Raw, job: _StreamJob, transform: Any,
     return out, label
 
 
+def _stack(images: list[torch.Tensor], img_size: int) -> torch.Tensor:
+    """uint8 [B, 3, img_size, img_size]; in a DataLoader worker, stacked straight into shared
+    memory (as torch's default collate does), so handing it over copies nothing more."""
+    shape = (len(images), 3, img_size, img_size)
+    if get_worker_info() is None or not images:
+        return torch.stack(images) if images else torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.stack(images, out=torch.empty(0, dtype=torch.uint8).set_(storage).view(shape))
+
+
 def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
     """The batches of one stream of one rank for one epoch, after ``job.consumed[stream]``."""
     cfg = job.plan
@@ -574,8 +584,7 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                 label_tensor = torch.zeros(len(labels), job.num_classes)
                 for row, sample_labels in enumerate(labels):
                     label_tensor[row, sample_labels] = 1.0
-            image_tensor = (torch.stack(images) if images
-                            else torch.empty(0, 3, job.img_size, job.img_size, dtype=torch.uint8))
+            image_tensor = _stack(images, job.img_size)
         seed = batch_transform_seed(cfg, job.epoch, batch_index, job.generation)
         targets: torch.Tensor | None = None
         if job.output == "float":
