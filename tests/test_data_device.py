@@ -156,3 +156,11 @@ def test_uint8_output_is_validated_and_pins(single):
     if torch.cuda.is_available():
         pinned = batch.pin_memory()
         assert pinned.images.is_pinned() and pinned.images.dtype == torch.uint8 and pinned.targets is None
+
+
+def test_the_transform_leaves_the_global_random_state_alone(single):
+    raw = batches(single, MIX, "uint8")[0]
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    DeviceBatchTransform(MIX, 10, "single")(raw, "cpu")
+    assert torch.equal(torch.random.get_rng_state(), before)   # dropout etc. in the step unaffected

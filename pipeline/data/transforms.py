@@ -238,9 +238,10 @@ class DeviceBatchTransform:
         images = self._normalize(images)
         targets = make_targets(labels, self.num_classes, self._smoothing)
         if self._mixer is not None and len(images) > 1:
-            # v2's MixUp/CutMix draw from torch's global CPU generator: fork it, seeded by the batch
+            # v2's MixUp/CutMix draw from torch's global CPU generator: fork it, seeded by the
+            # batch (only the CPU one: torch.manual_seed would reseed the GPU's for the step too)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix_seed(seed))
+                torch.default_generator.manual_seed(_mix_seed(seed))
                 images, targets = self._mixer(images, targets)
         return images, targets
 
