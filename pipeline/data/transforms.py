@@ -14,7 +14,7 @@ generators, then the ops on the device), so both places give the same batch.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -104,7 +104,7 @@ def normalize(cfg: AugmentConfig) -> v2.Transform:
 def sample_transform(cfg: AugmentConfig, img_size: int, train: bool) -> v2.Transform:
     """uint8 [3,H,W] -> float [3,img_size,img_size], normalised (what a batch row goes through;
     for prediction and evaluation, so RandAugment is always per sample here)."""
-    cfg = AugmentConfig(**{**cfg.__dict__, "randaug_device": False})
+    cfg = replace(cfg, randaug_device=False)
     return v2.Compose([crop_transform(cfg, img_size, train), normalize(cfg)])
 
 
