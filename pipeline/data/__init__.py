@@ -5,12 +5,12 @@ from pipeline.data.index import ShardIndex, ShardInfo, ShardTable
 from pipeline.data.loader import Batch, LoaderStats, SkippedSample, StreamingLoader
 from pipeline.data.reader import ShardSample, iter_shard_samples
 from pipeline.data.storage import DataError, RetryPolicy, register_webdataset_handlers
-from pipeline.data.transforms import AugmentConfig
+from pipeline.data.transforms import AugmentConfig, DeviceBatchTransform
 from pipeline.data.writer import (ShardOptions, WriteSummary, list_image_folder, read_manifest,
                                   write_demo_shards, write_shards)
 
 __all__ = [
-    "AugmentConfig", "Batch", "DEMO_CLASSES", "DataError", "LoaderStats", "RetryPolicy",
+    "AugmentConfig", "Batch", "DEMO_CLASSES", "DataError", "DeviceBatchTransform", "LoaderStats", "RetryPolicy",
     "ShardIndex", "ShardInfo", "ShardOptions", "ShardSample", "ShardTable", "SkippedSample", "StreamingLoader", "WriteSummary",
     "demo_sample", "iter_shard_samples", "list_image_folder", "read_manifest", "register_webdataset_handlers",
     "write_demo_shards", "write_shards",

@@ -24,6 +24,12 @@ tells exactly which positions were consumed. On resume they are not decoded agai
 samples were all consumed are not opened. Augmentation randomness is seeded per batch, so a
 resumed epoch yields the same batches an uninterrupted one would have.
 
+Output: ``output="float"`` (default) yields normalised float images with their targets, made in
+the workers; ``output="uint8"`` yields the cropped uint8 images (4x fewer bytes to hand over and
+pin) with ``targets=None`` and the batch's ``seed``: ``DeviceBatchTransform`` then normalises,
+smooths, mixes (and, with ``augment.randaug_device``, runs RandAugment) on the training device,
+giving the same batch as the float path would (the same seed drives both).
+
 Elastic resume (another world size or worker count mid-epoch; docs/DESIGN.md has the proof
 sketch): the state lists the epoch's GENERATIONS, one per plan the epoch ran under, each with its
 world size, streams, shuffle buffer and per-stream consumed counts. Generation 0 plans over the
@@ -54,19 +60,19 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.cropdecode import CropDecoder
 from pipeline.data.index import ShardIndex, ShardTable
 from pipeline.data.reader import (DEFAULT_MAX_PIXELS, BadSample, ChecksumMismatch, CountingReader,
-                                  decode_sample, fetch_verified, tar_samples)
+                                  decode_sample, fetch_verified, parse_labels, tar_samples)
 from pipeline.data.storage import (DataError, RetryPolicy, is_retryable, open_file, redact_url,
                                    register_webdataset_handlers, resolve_url)
-from pipeline.data.transforms import (AugmentConfig, batch_mixer, crop_transform, make_targets,
-                                       normalize)
+from pipeline.data.transforms import AugmentConfig, DeviceBatchTransform, crop_transform
 
 STATE_VERSION = 2
 _MAX_SKIP_RECORDS = 1000
@@ -88,27 +94,30 @@ class SkippedSample:
 
 @dataclass
 class Batch:
-    images: torch.Tensor            # float [B, 3, H, W], normalised
+    images: torch.Tensor            # float [B, 3, H, W] normalised | uint8 (output="uint8")
     labels: torch.Tensor            # long [B] (single-label) | float [B, C] multi-hot
-    targets: torch.Tensor           # float [B, C]: smoothed, mixed (train); one/multi-hot (eval)
+    targets: torch.Tensor | None    # float [B, C]: smoothed, mixed (train); one/multi-hot (eval);
+                                    # None for output="uint8" (DeviceBatchTransform makes them)
     keys: list[str]
     epoch: int
     index: int                      # position of this batch in the rank's epoch (generation)
     stream: int                     # which reader (DataLoader worker) made it
     skipped: list[SkippedSample] = field(default_factory=list)   # since the stream's last batch
     retries: int = 0                # storage retries since the stream's last batch
+    seed: int = 0                   # seeds the per-batch randomness (DeviceBatchTransform)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        targets = None if self.targets is None else self.targets.to(device, non_blocking=non_blocking)
         return replace(self, images=self.images.to(device, non_blocking=non_blocking),
-                       labels=self.labels.to(device, non_blocking=non_blocking),
-                       targets=self.targets.to(device, non_blocking=non_blocking))
+                       labels=self.labels.to(device, non_blocking=non_blocking), targets=targets)
 
     def pin_memory(self) -> Batch:   # called by DataLoader(pin_memory=True)
+        targets = None if self.targets is None else self.targets.pin_memory()
         return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(),
-                       targets=self.targets.pin_memory())
+                       targets=targets)
 
 
 @dataclass
@@ -241,6 +250,12 @@ def _shuffle_rng(cfg: PlanConfig, epoch: int, stream: int, generation: int) -> n
 def batch_seed(cfg: PlanConfig, epoch: int, batch_index: int, generation: int) -> int:
     extra = (generation,) if generation else ()
     return int(_rng(cfg.seed, epoch, cfg.rank, batch_index, 3, *extra).integers(2**62))
+
+
+def batch_transform_seed(cfg: PlanConfig, epoch: int, batch_index: int, generation: int) -> int:
+    """Seed of the per-batch transform (``Batch.seed``), a stream apart from the crops' seed."""
+    extra = (generation,) if generation else ()
+    return int(_rng(cfg.seed, epoch, cfg.rank, batch_index, 4, *extra).integers(2**62))
 
 
 class EpochSequence:
@@ -483,20 +498,45 @@ class _StreamJob:
     verify_checksums: bool
     storage_options: dict[str, Any] | None
     max_pixels: int
+    output: Literal["float", "uint8"] = "float"
+    crop_decode: bool = False
 
 
-def _sample_tensor(item: _Raw, job: _StreamJob, transform: Any) -> tuple[torch.Tensor, int | list[int]]:
-    """One sample through decode, conversion and the per-sample transform; BadSample if any
-    step fails or the result is not a [3, img_size, img_size] uint8 image."""
-    image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels)
-    try:
-        out = transform(image)
-    except Exception as exc:
-        raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
+def _sample_tensor(item: _Raw, job: _StreamJob, transform: Any,
+                   crop_decoder: CropDecoder | None = None) -> tuple[torch.Tensor, int | list[int]]:
+    """One sample through decode, conversion and the per-sample transform (a JPEG through
+    ``crop_decoder`` when given: decode and crop in one); BadSample if any step fails or the
+    result is not a [3, img_size, img_size] uint8 image."""
+    jpeg = next((item.files[e] for e in ("jpg", "jpeg") if e in item.files), None)
+    out: torch.Tensor | None = None
+    if crop_decoder is not None and jpeg is not None:
+        label = parse_labels(item.files, job.label_type, job.num_classes)
+        try:
+            out = crop_decoder(jpeg)
+        except BadSample:
+            raise
+        except Exception as exc:
+            raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
+    if out is None:
+        image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels)
+        try:
+            out = transform(image)
+        except Exception as exc:
+            raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
     if out.shape != (3, job.img_size, job.img_size) or out.dtype != torch.uint8:
         raise BadSample(f"transform gave {tuple(out.shape)} {out.dtype}, expected "
                         f"(3, {job.img_size}, {job.img_size}) uint8")
     return out, label
+
+
+def _stack(images: list[torch.Tensor], img_size: int) -> torch.Tensor:
+    """uint8 [B, 3, img_size, img_size]; in a DataLoader worker, stacked straight into shared
+    memory (as torch's default collate does), so handing it over copies nothing more."""
+    shape = (len(images), 3, img_size, img_size)
+    if get_worker_info() is None or not images:
+        return torch.stack(images) if images else torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.stack(images, out=torch.empty(0, dtype=torch.uint8).set_(storage).view(shape))
 
 
 def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
@@ -512,9 +552,10 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
     items = iter(reader)
     read_ahead: dict[int, _Raw | SkippedSample] = {}
     transform = crop_transform(job.augment, job.img_size, job.train)
-    to_float = normalize(job.augment)
-    mixer = batch_mixer(job.augment) if job.train else None
-    smoothing = job.augment.label_smoothing if job.train else 0.0
+    crop_decoder = (CropDecoder(job.augment, job.img_size, job.max_pixels)
+                    if job.train and job.crop_decode else None)
+    per_batch = DeviceBatchTransform(job.augment, job.num_classes, job.label_type,  # type: ignore[arg-type]
+                                     train=job.train)
     retries_reported = 0
 
     for size, batch_index in zip(plan.batch_sizes[done:], plan.batch_indices[done:]):
@@ -530,7 +571,7 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                     skipped.append(item)
                     continue
                 try:
-                    image, label = _sample_tensor(item, job, transform)
+                    image, label = _sample_tensor(item, job, transform, crop_decoder)
                 except BadSample as exc:
                     skipped.append(SkippedSample(item.shard, item.key, str(exc)))
                     continue
@@ -543,13 +584,13 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                 label_tensor = torch.zeros(len(labels), job.num_classes)
                 for row, sample_labels in enumerate(labels):
                     label_tensor[row, sample_labels] = 1.0
-            image_tensor = to_float(torch.stack(images) if images
-                                    else torch.empty(0, 3, job.img_size, job.img_size, dtype=torch.uint8))
-            targets = make_targets(label_tensor, job.num_classes, smoothing)
-            if mixer is not None and len(keys) > 1:
-                image_tensor, targets = mixer(image_tensor, targets)
+            image_tensor = _stack(images, job.img_size)
+        seed = batch_transform_seed(cfg, job.epoch, batch_index, job.generation)
+        targets: torch.Tensor | None = None
+        if job.output == "float":
+            image_tensor, targets = per_batch.apply(image_tensor, label_tensor, seed)
         yield Batch(image_tensor, label_tensor, targets, keys, job.epoch, batch_index, stream,
-                    skipped, reader.retries - retries_reported)
+                    skipped, reader.retries - retries_reported, seed)
         retries_reported = reader.retries
     if plan.finite:
         for position, _ in items:
@@ -593,13 +634,16 @@ class StreamingLoader:
                  pin_memory: bool = False, prefetch_factor: int = 2, verify_checksums: bool = True,
                  retry: RetryPolicy | None = None, storage_options: dict[str, Any] | None = None,
                  multiprocessing_context: str | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 output: Literal["float", "uint8"] = "float", crop_decode: bool = False) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if batch_size < 1 or num_workers < 0 or img_size < 8:
             raise ValueError("batch_size must be >= 1, num_workers >= 0 and img_size >= 8")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
         if not 0 <= max_skip_fraction <= 1:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index, storage_options)
@@ -617,6 +661,8 @@ class StreamingLoader:
         self.storage_options = storage_options
         self.multiprocessing_context = multiprocessing_context
         self.max_image_pixels = max_image_pixels
+        self.output = output
+        self.crop_decode = crop_decode
         self.plan = PlanConfig(world_size=world_size, rank=rank, num_streams=max(1, num_workers),
                                batch_size=batch_size, seed=seed,
                                shuffle=train if shuffle is None else shuffle,
@@ -631,6 +677,12 @@ class StreamingLoader:
         self._consumed = [0] * self.plan.num_streams
         self._generation_batches = self._num_batches
         self._skipped_in_epoch = 0
+
+    def batch_transform(self) -> DeviceBatchTransform:
+        """What turns this loader's batches into (float images, targets) on a device:
+        ``images, targets = loader.batch_transform()(batch, device)`` (a float batch passes)."""
+        return DeviceBatchTransform(self.augment, self.index.num_classes,
+                                    self.index.label_type, train=self.train)  # type: ignore[arg-type]
 
     # -- position ------------------------------------------------------------------------------
 
@@ -725,7 +777,8 @@ class StreamingLoader:
         return _StreamJob(self.index.root, self.index.label_type, self.index.num_classes, self.plan,
                           self._epoch, len(self._generations), tuple(streams), tuple(self._consumed),
                           self.img_size, self.train, self.augment, self.retry,
-                          self.verify_checksums, self.storage_options, self.max_image_pixels)
+                          self.verify_checksums, self.storage_options, self.max_image_pixels,
+                          self.output, self.crop_decode)
 
     def _record(self, batch: Batch) -> None:
         self._consumed[batch.stream] += 1
