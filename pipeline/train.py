@@ -146,13 +146,14 @@ def evaluate(engine, loader, *, device, dtype, label_type: str) -> dict[str, flo
     ``len(loader)`` forwards (ZeRO-3 gathers parameters in each)."""
     engine.eval()
     scores = Scores(label_type)
+    to_device = loader.batch_transform()     # uint8 -> normalised float on the device
     loader.set_epoch(0)       # the loader ends each pass at epoch 1; every evaluation reads epoch 0
     for batch in loader:
         if not len(batch):                 # every sample of it was unreadable: still one forward
             engine(torch.zeros(1, 3, *engine.module.img_size, device=device, dtype=dtype))
             continue
-        batch = batch.to(device)
-        scores.update(engine(batch.images.to(dtype)), batch.labels)
+        images, _ = to_device(batch, device)
+        scores.update(engine(images.to(dtype)), batch.labels.to(device))
     scores.all_reduce()
     engine.train()
     return {f"eval/{k}": v for k, v in scores.result().items()}
@@ -189,13 +190,17 @@ def train_loop_per_worker(task: TrainTask) -> None:
     torch.manual_seed(cfg.data.seed)   # same init on every rank (zero.Init/ZeRO-3 broadcast anyway)
 
     # -- data ----------------------------------------------------------------------------------
+    # loader workers decode, crop and flip; they hand over uint8 (4x less than float, pinned on GPU
+    # nodes), and normalisation, label smoothing, MixUp/CutMix (and, with augment.randaug_device,
+    # RandAugment) run batched on the training device, seeded by each batch
     common = dict(rank=rank, world_size=world, batch_size=t.micro_batch, img_size=cfg.model.img_size,
                   seed=cfg.data.seed, num_workers=cfg.data.loader_workers, augment=cfg.data.augment,
-                  pin_memory=cfg.scaling.use_gpu)
+                  pin_memory=cfg.scaling.use_gpu, output="uint8")
     train_loader = StreamingLoader(cfg.data.train_url, train=True,
                                    samples_per_epoch=cfg.data.samples_per_epoch, **common)
     val_loader = (StreamingLoader(cfg.data.val_url, train=False, **common)
                   if cfg.data.val_url else None)
+    to_device = train_loader.batch_transform()
 
     # -- engine, and the state to continue from -------------------------------------------------
     step, samples_seen, skipped_before = 0, 0, 0
@@ -259,9 +264,10 @@ def train_loop_per_worker(task: TrainTask) -> None:
             g["lr"] = lr
         keys: list[str] = []
         for _ in range(t.grad_accum):
-            batch = next(batches).to(device, non_blocking=True)
+            batch = next(batches)
             if len(batch):
-                loss = loss_fn(engine(batch.images.to(dtype)), batch.targets, t.loss)
+                images, targets = to_device(batch, device)
+                loss = loss_fn(engine(images.to(dtype)), targets, t.loss)
             else:
                 loss = placeholder_step(engine, cfg, device, dtype)
             engine.backward(loss)
