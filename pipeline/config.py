@@ -49,8 +49,16 @@ class ModelConfig(Section):
         return v
 
 
+class SourceConfig(Section):
+    """One dataset of a weighted mixture: its root (``<root>/<train_split>`` is read) and weight."""
+    root: str
+    weight: float = Field(ge=0)
+    name: str | None = None               # None: the root's last path component
+
+
 class DataConfig(Section):
-    root: str = "data/demo"               # dataset root (local path or fsspec URL)
+    root: str = "data/demo"               # dataset root (local path or fsspec URL); validation data
+    sources: list[SourceConfig] = []      # training mixture; empty: train on root alone
     train_split: str = "train"
     val_split: str | None = "val"         # None: no evaluation
     write_demo: bool = False              # write demo shards at root when absent
@@ -65,6 +73,20 @@ class DataConfig(Section):
     @property
     def train_url(self) -> str:
         return f"{self.root.rstrip('/')}/{self.train_split}"
+
+    def train_sources(self) -> list[tuple[str, str, float]]:
+        """(name, train split URL, weight) of each mixture source."""
+        return [(s.name or s.root.rstrip("/").rsplit("/", 1)[-1], f"{s.root.rstrip('/')}/{self.train_split}",
+                 s.weight) for s in self.sources]
+
+    @model_validator(mode="after")
+    def _mixture(self) -> DataConfig:
+        if self.sources:
+            if sum(s.weight for s in self.sources) <= 0:
+                raise ValueError("data.sources: the weights sum to 0")
+            if self.samples_per_epoch is not None:
+                raise ValueError("data.sources and data.samples_per_epoch: a mixture already runs endlessly")
+        return self
 
     @property
     def val_url(self) -> str | None:
@@ -322,6 +344,9 @@ def resolve_paths(cfg: Config) -> Config:
     cfg = cfg.model_copy(deep=True)
     if not is_remote(cfg.data.root):
         cfg.data.root = os.path.abspath(cfg.data.root)
+    for src in cfg.data.sources:
+        if not is_remote(src.root):
+            src.root = os.path.abspath(src.root)
     if not is_remote(cfg.storage.storage_path):
         cfg.storage.storage_path = os.path.abspath(cfg.storage.storage_path)
     cfg.tracking.tracking_uri = tracking_uri(cfg)

@@ -111,10 +111,21 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
         write_demo_shards(cfg.data.root, num_train=cfg.data.demo_num_train, num_val=cfg.data.demo_num_val,
                           image_size=cfg.data.demo_image_size, samples_per_shard=250)
     try:
-        index = ShardIndex.load(cfg.data.train_url)
+        index = ShardIndex.load(cfg.data.train_url) if not cfg.data.sources else None
         val = ShardIndex.load(cfg.data.val_url) if cfg.data.val_url else None
     except (DataError, OSError, ValueError) as e:
         raise ConfigError(f"data.root: cannot read the shard index: {e}") from None
+    train_samples = index.num_samples if index is not None else 0
+    for i, (name, url, _) in enumerate(cfg.data.train_sources()):
+        try:
+            src = ShardIndex.load(url)
+        except (DataError, OSError, ValueError) as e:
+            raise ConfigError(f"data.sources.{i} ({name}): cannot read the shard index: {e}") from None
+        if index is not None and (src.label_type, list(src.class_names)) != (index.label_type, list(index.class_names)):
+            raise ConfigError(f"data.sources.{i} ({name}): another label space than the first source "
+                              f"({src.num_classes} {src.label_type}-label classes vs {index.num_classes})")
+        index = index or src
+        train_samples += src.num_samples
     if cfg.model.num_classes is None:
         cfg.model.num_classes = index.num_classes
     elif cfg.model.num_classes != index.num_classes and not cfg.init.from_checkpoint:
@@ -138,7 +149,7 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
                                  f"{t.micro_batch} x {bad[0]} workers" if bad else "min exceeds max"))
     check_storage(cfg.storage.storage_path)
     t = cfg.train
-    per_epoch = (cfg.data.samples_per_epoch or index.num_samples) / t.global_batch
+    per_epoch = (cfg.data.samples_per_epoch or train_samples) / t.global_batch   # a mixture: all sources once
     total = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * per_epoch))
     if t.warmup_steps is not None:
         warmup = t.warmup_steps
@@ -147,7 +158,7 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
     else:
         warmup = 0
     task = TrainTask(config=cfg.model_dump(mode="json"), total_steps=total, warmup_steps=min(warmup, total),
-                     train_samples=index.num_samples, label_type=index.label_type)
+                     train_samples=train_samples, label_type=index.label_type)
     return cfg, task
 
 

@@ -170,6 +170,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
     from ray.train import Checkpoint
 
     from pipeline.data import StreamingLoader
+    from pipeline.data.mixture import MixedLoader, Source
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -196,8 +197,12 @@ def train_loop_per_worker(task: TrainTask) -> None:
     common = dict(rank=rank, world_size=world, batch_size=t.micro_batch, img_size=cfg.model.img_size,
                   seed=cfg.data.seed, num_workers=cfg.data.loader_workers, augment=cfg.data.augment,
                   pin_memory=cfg.scaling.use_gpu, output="uint8")
-    train_loader = StreamingLoader(cfg.data.train_url, train=True,
-                                   samples_per_epoch=cfg.data.samples_per_epoch, **common)
+    if cfg.data.sources:
+        train_loader = MixedLoader([Source(name, url, weight) for name, url, weight in cfg.data.train_sources()],
+                                   train=True, **common)
+    else:
+        train_loader = StreamingLoader(cfg.data.train_url, train=True,
+                                       samples_per_epoch=cfg.data.samples_per_epoch, **common)
     val_loader = (StreamingLoader(cfg.data.val_url, train=False, **common)
                   if cfg.data.val_url else None)
     to_device = train_loader.batch_transform()
@@ -241,6 +246,15 @@ def train_loop_per_worker(task: TrainTask) -> None:
         n = torch.tensor([train_loader.stats.skipped], dtype=torch.int64)
         dist.all_reduce(n)
         return skipped_before + int(n)
+
+    def source_samples() -> dict[str, float]:
+        """Samples drawn from each mixture source, summed over ranks (empty without a mixture)."""
+        counts = getattr(train_loader, "source_samples", None)
+        if not counts:
+            return {}
+        n = torch.tensor(list(counts.values()), dtype=torch.float64)
+        dist.all_reduce(n)
+        return {f"data/{name}/samples": float(v) for name, v in zip(counts, n.tolist())}
 
     def save_and_report(metrics: dict[str, float]) -> None:
         state = TrainState(step=step, samples_seen=samples_seen, total_steps=total,
@@ -294,7 +308,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
             m = {"train/loss": loss_sum.item() / world / window_steps, "train/lr": lr,
                  "train/grad_norm": float(gn) if gn is not None else float("nan"),
                  "train/images_per_s": ips, "train/samples_seen": samples_seen,
-                 "train/skipped_samples": skipped_total()}
+                 "train/skipped_samples": skipped_total(), **source_samples()}
             window_t, window_n, window_steps = now, 0, 0
             loss_window.zero_()
             log.log(m, step)

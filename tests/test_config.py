@@ -156,3 +156,15 @@ def test_preflight_refuses_bf16_compile_on_cpu(demo_data, tmp_path):
         _prepare(demo_data, tmp_path, "model.compile=true", "train.bf16=true")
     with pytest.raises(ConfigError, match="scaling.min_workers"):
         _prepare(demo_data, tmp_path, "scaling.min_workers=3")
+
+
+def test_mixture_config_errors(demo_data, tmp_path):
+    with pytest.raises(ConfigError, match="weights sum to 0"):
+        load_config(os.path.join(ROOT, "configs", "demo.yaml"), ["data.sources=[{root: /a, weight: 0}]"])
+    with pytest.raises(ConfigError, match=r"data.sources.0.weight"):
+        load_config(os.path.join(ROOT, "configs", "demo.yaml"), ["data.sources=[{root: /a, weight: -1}]"])
+    with pytest.raises(ConfigError, match=r"data.sources.1 \(nowhere\): cannot read the shard index"):
+        _prepare(demo_data, tmp_path, f"data.sources=[{{root: {demo_data}, weight: 1}}, "
+                                      f"{{root: {tmp_path}/nowhere, weight: 1}}]")
+    cfg, task = _prepare(demo_data, tmp_path, f"data.sources=[{{root: {demo_data}, weight: 1, name: x}}]")
+    assert cfg.data.train_sources() == [("x", f"{demo_data}/train", 1.0)]

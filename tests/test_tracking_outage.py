@@ -1,6 +1,7 @@
 """The MLflow tracking server goes away mid-run: training goes on, metrics are buffered and sent when
 the server is back, and the run ends FINISHED. A real `mlflow server` on loopback (SQLite store,
-proxied artifacts), stopped and restarted on the same port during a 2-worker ZeRO-3 run."""
+proxied artifacts), stopped and restarted on the same port during a 2-worker ZeRO-3 run - which
+trains on a weighted mixture of two datasets (per-source counts logged)."""
 from __future__ import annotations
 
 import os
@@ -56,13 +57,18 @@ def test_training_survives_a_tracking_server_outage(tmp_path, tmp_path_factory):
 
     data = str(tmp_path / "demo")
     write_demo_shards(data, num_train=256, num_val=64, image_size=32, samples_per_shard=32)
+    # trained on a weighted mixture of two datasets (the same label space), validated on the first
+    write_demo_shards(str(tmp_path / "other"), num_train=96, num_val=16, image_size=32, samples_per_shard=32,
+                      seed=7)
+    mixture = (f'data.sources=[{{root: {data}, weight: 0.75, name: main}}, '
+               f'{{root: {tmp_path / "other"}, weight: 0.25, name: other}}]')
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "job.log", "w")
     job = subprocess.Popen(job_cmd(*tiny_overrides(data, str(tmp_path / "runs"), "outage", uri, steps=STEPS),
-                                   "train.checkpoint_every=0", "tracking.system_metrics=false",
+                                   "train.checkpoint_every=0", "tracking.system_metrics=false", mixture,
                                    callbacks(("StepSleep", {"seconds": 1.0}))),
                            cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -98,6 +104,9 @@ def test_training_survives_a_tracking_server_outage(tmp_path, tmp_path_factory):
         steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "train/loss"))
         assert steps == list(range(1, STEPS + 1)), steps       # every step, the outage's included
         assert "train/dropped_metric_values" not in run.data.metrics
+        # the mixture: both sources drawn, in proportion to their weights (within one batch per rank)
+        main, other = run.data.metrics["data/main/samples"], run.data.metrics["data/other/samples"]
+        assert main + other == STEPS * 16 and abs(main / (main + other) - 0.75) <= 1 / STEPS, (main, other)
         assert {a.path for a in c.list_artifacts(run.info.run_id, "weights")} == {"weights/model.safetensors"}
         print(f"outage of {outage_s:.0f} s during a {STEPS}-step run: nothing lost")
     finally:
