@@ -8,6 +8,7 @@ Layout of one checkpoint folder (a Ray Train checkpoint under ``<storage_path>/<
       zero_pp_rank_{r}_mp_rank_00_model_states.pt         (one per rank: module metadata, buffers)
       bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt    (one per rank: fp32 master + Adam moments)
     ema/rank_{r}.pt                (only with train.ema_decay: the rank's fp32 EMA partition)
+    weights_ema/                   (final checkpoint, with train.ema_decay: the whole EMA model, safetensors)
 
 ``consolidate_to(dir, out)`` streams the shards into fp32 safetensors files (``model.safetensors``, or
 ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` above ``max_shard_size``)
@@ -30,6 +31,7 @@ from pipeline.errors import PipelineError
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
 WEIGHTS_DIR = "weights"                 # a folder of safetensors files (see load_weights)
+EMA_WEIGHTS_DIR = "weights_ema"         # the same for the EMA model (train.ema_decay)
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 

@@ -10,9 +10,11 @@ owns (bf16, gradient clipping, NVMe path), then merges ``deepspeed.extra`` last.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -152,3 +154,81 @@ def compute_dtype(cfg: Config) -> torch.dtype:
 def partitions(model: torch.nn.Module) -> list[torch.Tensor]:
     """This rank's ZeRO-3 partitions, in parameter order."""
     return [p.ds_tensor for p in model.parameters() if hasattr(p, "ds_tensor")]
+
+
+def _zero_params(engine) -> list[torch.nn.Parameter]:
+    return [p for p in engine.module.parameters() if hasattr(p, "ds_tensor")]
+
+
+@contextlib.contextmanager
+def swapped_in(engine, partitions_: list[torch.Tensor]) -> Iterator[None]:
+    """For the duration, the engine's module computes with ``partitions_`` (one per ZeRO-3
+    partition, in ``partitions()`` order: e.g. the EMA) instead of its weights. Every rank calls it.
+    Persistent parameters (small ones ZeRO-3 keeps whole on every rank) are re-gathered, as
+    DeepSpeed does after an optimizer step."""
+    params = _zero_params(engine)
+    persistent = [p for p in params if getattr(p, "ds_persist", False)]
+    saved = [p.ds_tensor.data.clone() for p in params]
+
+    def load(values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.ds_tensor.data.copy_(v.to(p.ds_tensor.dtype))
+            if persistent:
+                persistent[0].all_gather(persistent)
+    load(partitions_)
+    try:
+        yield
+    finally:
+        load(saved)
+
+
+def export_weights(engine, out_dir: str, *, rank: int, max_shard_bytes: int = 512 * 2 ** 20) -> None:
+    """The module's full weights as fp32 safetensors in ``out_dir`` (written by rank 0), gathering
+    one parameter at a time: never the whole model in memory at once. Every rank calls it."""
+    import deepspeed
+    from safetensors.torch import save_file
+
+    from pipeline.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+
+    def add(name: str, t: torch.Tensor) -> None:
+        nonlocal size
+        if size and size + t.numel() * t.element_size() > max_shard_bytes:
+            flush()
+        shards[-1][name] = t
+        size += t.numel() * t.element_size()
+
+    written: dict[str, str] = {}
+
+    def flush() -> None:
+        nonlocal size
+        if rank == 0 and shards[-1]:
+            name = f"model-{len(written) + 1:05d}.safetensors"
+            save_file(shards[-1], os.path.join(out_dir, name), metadata={"format": "pt"})
+            written.update({k: name for k in shards[-1]})
+        shards.append({})
+        size = 0
+
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            if rank == 0:
+                add(name, p.detach().to("cpu", torch.float32).clone())
+    if rank == 0:                          # buffers are not partitioned; only those a state dict holds
+        for prefix, module in engine.module.named_modules():
+            for bname, b in module._buffers.items():
+                if b is not None and bname not in module._non_persistent_buffers_set:
+                    add(f"{prefix}.{bname}" if prefix else bname,
+                        b.detach().to("cpu", torch.float32 if b.is_floating_point() else b.dtype).clone())
+    flush()
+    if rank == 0:
+        files = sorted(set(written.values()))
+        if len(files) == 1:
+            os.replace(os.path.join(out_dir, files[0]), os.path.join(out_dir, SAFETENSORS_FILE))
+        else:
+            with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+                json.dump({"metadata": {}, "weight_map": written}, f)

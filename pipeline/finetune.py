@@ -70,7 +70,7 @@ class SourceModel:
 # 1. Resolving the source reference
 # --------------------------------------------------------------------------------------------
 
-def resolve_source(ref: str, *, tracking_uri: str | None = None) -> SourceModel:
+def resolve_source(ref: str, *, tracking_uri: str | None = None, ema: bool = True) -> SourceModel:
     """An MLflow run id, ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, ``runs:/ID/...``, or a
     folder/URL (a Ray run folder, one checkpoint folder, a weights folder or file, an MLflow
     model) or a ``.pt`` file -> SourceModel. FinetuneError (or RegistryError for a bad model URI)
@@ -84,7 +84,7 @@ def resolve_source(ref: str, *, tracking_uri: str | None = None) -> SourceModel:
     if ref.startswith("runs:/"):
         ref = ref[len("runs:/"):].split("/", 1)[0]
     if RUN_ID.match(ref) and not os.path.exists(ref):
-        return _from_run(ref)
+        return _from_run(ref, ema=ema)
     return _from_path(ref)
 
 
@@ -97,7 +97,9 @@ def _from_registry(uri: str) -> SourceModel:
                        f"{meta.get('name')}/{meta.get('version')}" if meta.get("version") else None)
 
 
-def _from_run(run_id: str) -> SourceModel:
+def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
+    """A run's logged weights: its EMA model (``weights_ema/``) when it has one and ``ema``, else
+    ``weights/``, else its final checkpoint consolidated."""
     import mlflow
 
     from pipeline.registry import check_run
@@ -110,8 +112,9 @@ def _from_run(run_id: str) -> SourceModel:
     tmp = tempfile.mkdtemp(prefix="ft-src-")
     try:
         try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=checkpoint.WEIGHTS_DIR,
-                                                       dst_path=tmp)
+            names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+            which = checkpoint.EMA_WEIGHTS_DIR if ema and checkpoint.EMA_WEIGHTS_DIR in names else checkpoint.WEIGHTS_DIR
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=which, dst_path=tmp)
             sd = _load_weights(path)
             ck = tags.get("coatnet.checkpoint")
         except Exception:  # noqa: BLE001 - no weights artifact: fall back to the run's checkpoint

@@ -271,16 +271,23 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
         with result.checkpoint.as_directory() as d:
             state = checkpoint.read_state(d)
             local = checkpoint.consolidate_to(d, os.path.join(out_dir, checkpoint.WEIGHTS_DIR))
+            ema = os.path.join(d, checkpoint.EMA_WEIGHTS_DIR)
+            if os.path.isdir(ema):                       # written by the workers with train.ema_decay
+                shutil.copytree(ema, os.path.join(out_dir, checkpoint.EMA_WEIGHTS_DIR))
+        logged = {name: os.path.join(out_dir, name) for name in (checkpoint.WEIGHTS_DIR, checkpoint.EMA_WEIGHTS_DIR)
+                  if os.path.isdir(os.path.join(out_dir, name))}
         tracking.with_retries(
-            lambda: tracking.finish_run(uri, run_id, weights_dir=local, resolved=resolved_dict(cfg),
+            lambda: tracking.finish_run(uri, run_id, weights_dirs=logged, resolved=resolved_dict(cfg),
                                         tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"}),
             timeout_s=cfg.tracking.outage_timeout_s, what="finishing the run", say=say)
         if is_remote(cfg.storage.storage_path):
             weights = f"runs:/{run_id}/{checkpoint.WEIGHTS_DIR}"
         else:
-            weights = os.path.join(cfg.storage.storage_path, cfg.storage.name, checkpoint.WEIGHTS_DIR)
-            shutil.rmtree(weights, ignore_errors=True)
-            shutil.copytree(local, weights)
+            run_dir = os.path.join(cfg.storage.storage_path, cfg.storage.name)
+            for name, folder in logged.items():
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+                shutil.copytree(folder, os.path.join(run_dir, name))
+            weights = os.path.join(run_dir, checkpoint.WEIGHTS_DIR)
         shutil.rmtree(out_dir, ignore_errors=True)
         steps = state.step
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

@@ -14,7 +14,8 @@ Run structure (what the fine-tuning/registry stages can rely on):
 - system metrics (MLflow's own monitor, from the rank-0 worker): ``system/cpu_utilization_percentage``,
   ``system/system_memory_usage_megabytes``, GPU utilisation and memory when there is a GPU
 - artifact ``weights/``: the consolidated fp32 weights as safetensors (``model.safetensors``, or shards
-  and ``model.safetensors.index.json``; ``pipeline.checkpoint.load_weights`` reads either),
+  and ``model.safetensors.index.json``; ``pipeline.checkpoint.load_weights`` reads either);
+  ``weights_ema/`` the same for the EMA model when ``train.ema_decay`` is set,
   ``config/resolved.json``
 """
 from __future__ import annotations
@@ -184,7 +185,7 @@ class SystemMetrics:
             self._monitor = None
 
 
-def finish_run(uri: str, run_id: str, *, weights_dir: str | None, resolved: dict[str, Any],
+def finish_run(uri: str, run_id: str, *, weights_dirs: dict[str, str], resolved: dict[str, Any],
                tags: dict[str, str], status: str = "FINISHED") -> None:
     from pipeline.config import scrub_text
 
@@ -196,8 +197,8 @@ def finish_run(uri: str, run_id: str, *, weights_dir: str | None, resolved: dict
         with open(p, "w") as f:
             json.dump(resolved, f, indent=1)
         c.log_artifact(run_id, p, artifact_path="config")
-    if weights_dir:
-        c.log_artifacts(run_id, weights_dir, artifact_path="weights")
+    for artifact_path, folder in weights_dirs.items():     # weights/, and weights_ema/ with an EMA
+        c.log_artifacts(run_id, folder, artifact_path=artifact_path)
     c.set_terminated(run_id, status=status)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from pipeline import checkpoint
 from pipeline.checkpoint import TrainState
 from pipeline.config import CallbackSpec, Config, scrub, scrub_text
-from pipeline.engine import build_engine, compute_dtype, deepspeed_config, partitions
+from pipeline.engine import (build_engine, compute_dtype, deepspeed_config, export_weights, partitions,
+                             swapped_in)
 from pipeline.evaluate import Scores
 from pipeline import tracking
 from pipeline.tracking import MetricsLogger, SystemMetrics
@@ -262,6 +264,9 @@ def train_loop_per_worker(task: TrainTask) -> None:
                            label_type=task.label_type, skipped_samples=skipped_total(),
                            mlflow_run_id=task.mlflow_run_id, world_size=world)
         folder = checkpoint.save(engine, rank=rank, state=state, run_key=run_key, ema=ema)
+        if ema is not None and step == total:     # the EMA model, whole, for the driver to log
+            with swapped_in(engine, ema):
+                export_weights(engine, os.path.join(folder, checkpoint.EMA_WEIGHTS_DIR), rank=rank)
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_{step:08d}",
                          delete_local_checkpoint_after_upload=True)
@@ -321,6 +326,11 @@ def train_loop_per_worker(task: TrainTask) -> None:
         metrics: dict[str, float] = {}
         if val_loader is not None and ((t.eval_every and step % t.eval_every == 0) or last):
             metrics = evaluate(engine, val_loader, device=device, dtype=dtype, label_type=task.label_type)
+            if ema is not None:                      # the paper's EMA weights, judged on the same data
+                with swapped_in(engine, ema):
+                    ema_metrics = evaluate(engine, val_loader, device=device, dtype=dtype,
+                                           label_type=task.label_type)
+                metrics.update({k.replace("eval/", "eval_ema/", 1): v for k, v in ema_metrics.items()})
             log.log(metrics, step)
             if rank == 0:
                 task.say(f"eval  step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -53,6 +53,7 @@ class EvaluateSpec(Section):
 class RegisterSpec(Section):
     name: str = "coatnet-demo"
     select: str = Field("best", pattern="^(best|last)$")   # which fine-tuned model to register
+    use_ema: bool = True                   # register (and evaluate) a run's EMA model when it has one
 
 
 class PromoteSpec(Section):
@@ -337,7 +338,7 @@ def _evaluate(plan: Plan, result: WorkflowResult, source, val: str, val_index) -
     for stage, cfg, _ in plan.finetune:
         spec = spec_for(cfg, val_index)
         model = spec.build()
-        model.load_state_dict(resolve_source(result.stages[stage].run_id).state_dict)
+        model.load_state_dict(resolve_source(result.stages[stage].run_id, ema=plan.wf.registry.use_ema).state_dict)
         scores[stage] = evaluate_model(model, spec, val, batch_size=bs)
         line = f"[workflow] evaluate: {stage} {metric} {scores[stage][metric]:.4f}"
         if plan.wf.evaluate.baseline and source.num_classes == spec.num_classes:
@@ -364,7 +365,7 @@ def _register(plan: Plan, result: WorkflowResult, run_id: str, pick: str, val: s
             "coatnet.finetune_run": result.stages[pick].run_id, f"coatnet.val_{ev['metric']}": f"{score:.6f}"}
     if "pretrain" in result.stages:
         tags["coatnet.pretrain_run"] = result.stages["pretrain"].run_id
-    weights = resolve_source(result.stages[pick].run_id).state_dict
+    weights = resolve_source(result.stages[pick].run_id, ema=wf.registry.use_ema).state_dict
     with mlflow.start_run(run_id=run_id):
         info, mv = log_model(weights, spec_for(cfg, val_index), registered_model_name=wf.registry.name,
                              version_tags=tags)

@@ -242,7 +242,7 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     secret_url = "https://user:hunter2@example.com/d?X-Amz-Credential=AKIAXX&X-Amz-Signature=SECRETSIG"
     cmd = job_cmd(*tiny_overrides(demo_root, storage, "stopme", uri, steps=6),
                   callbacks(("KeysLog", {"dir": keys_dir}), ("StepSleep", {"seconds": 0.5})),
-                  f"description=notes at {secret_url}")
+                  f"description=notes at {secret_url}", "train.ema_decay=0.5")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -287,6 +287,31 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     for secret in ("hunter2", "SECRETSIG", "AKIAXX"):
         assert not any(secret in text for text in logged), secret
     assert "X-Amz-Signature=***" in runs[0].data.params["description"]
+
+    # EMA (train.ema_decay, kept across the restart): evaluated beside the raw weights, logged whole,
+    # and what a run id resolves to (so what the workflow registers) unless asked for the raw weights
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.checkpoint import load_weights
+    from pipeline.finetune import resolve_source
+
+    run = runs[0]
+    assert {"eval/top1", "eval_ema/top1", "eval_ema/loss"} <= set(run.data.metrics)
+    c = MlflowClient(uri)
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "weights_ema")} == {"weights_ema/model.safetensors"}
+    raw, ema = load_weights(f"{storage}/stopme/weights"), load_weights(f"{storage}/stopme/weights_ema")
+    assert raw.keys() == ema.keys() and all(raw[k].shape == ema[k].shape for k in raw)
+    params = [k for k in raw if k.endswith(("weight", "bias", "relative_position_bias_table"))]
+    assert sum(not torch.equal(raw[k], ema[k]) for k in params) > len(params) // 2     # really another model
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    from_run = resolve_source(run.info.run_id).state_dict
+    assert all(torch.equal(from_run[k], ema[k]) for k in ema)
+    assert all(torch.equal(resolve_source(run.info.run_id, ema=False).state_dict[k], raw[k]) for k in raw)
+    import models
+
+    models.create_model("coatnet_pico", num_classes=10, img_size=32).load_state_dict(ema, strict=True)
 
 
 def assert_console_is_readable(out: str, *, steps: int) -> None:
