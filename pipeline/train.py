@@ -259,6 +259,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
         return {f"data/{name}/samples": float(v) for name, v in zip(counts, n.tolist())}
 
     def save_and_report(metrics: dict[str, float]) -> None:
+        started = time.time()
         state = TrainState(step=step, samples_seen=samples_seen, total_steps=total,
                            loader=train_loader.state_dict(), config=scrub(task.config),
                            label_type=task.label_type, skipped_samples=skipped_total(),
@@ -270,6 +271,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_{step:08d}",
                          delete_local_checkpoint_after_upload=True)
+        log.log({"train/checkpoint_s": time.time() - started}, step)   # on the critical path (sync upload)
 
     # -- steps ---------------------------------------------------------------------------------
     batches = forever(train_loader)
