@@ -119,6 +119,7 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0)               # steps; 0: only at the end
     checkpoint_every: int = Field(0, ge=0)         # steps; 0: only at the end
     keep_last: int = Field(2, ge=1)
+    upload_timeout_s: float = Field(600.0, ge=0)   # a checkpoint upload retries through storage outages this long
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
     # extra per-worker callbacks (profilers, test probes): see pipeline.train.Callback

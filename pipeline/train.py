@@ -258,6 +258,9 @@ def train_loop_per_worker(task: TrainTask) -> None:
         dist.all_reduce(n)
         return {f"data/{name}/samples": float(v) for name, v in zip(counts, n.tolist())}
 
+    upload = checkpoint.uploader(cfg.storage.storage_path, cfg.storage.name, timeout_s=t.upload_timeout_s,
+                                 say=task.say if rank == 0 else print)
+
     def save_and_report(metrics: dict[str, float]) -> None:
         started = time.time()
         state = TrainState(step=step, samples_seen=samples_seen, total_steps=total,
@@ -270,7 +273,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
                 export_weights(engine, os.path.join(folder, checkpoint.EMA_WEIGHTS_DIR), rank=rank)
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_{step:08d}",
-                         delete_local_checkpoint_after_upload=True)
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
         log.log({"train/checkpoint_s": time.time() - started}, step)   # on the critical path (sync upload)
 
     # -- steps ---------------------------------------------------------------------------------
