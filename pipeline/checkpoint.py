@@ -234,15 +234,25 @@ def consolidate_to(directory: str, out_dir: str, *, max_shard_size: str = "512MB
     return out_dir
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], url: str) -> str:
-    """Write an fp32 state dict as ``<url>/model.safetensors`` (a local path or fsspec URL of a folder)."""
+def save_weights(state_dict: dict[str, torch.Tensor], url: str, *, max_shard_size: str = "512MB") -> str:
+    """Write an fp32 state dict as safetensors into the folder ``url`` (local path or fsspec URL):
+    ``model.safetensors``, or shards + ``model.safetensors.index.json`` above ``max_shard_size``
+    (the layout ``consolidate_to`` writes and ``load_weights`` reads)."""
     import fsspec
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save
 
+    sd = to_fp32(state_dict)
+    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path.rstrip('/')}/{SAFETENSORS_FILE}", "wb") as f:
-        f.write(save(to_fp32(state_dict), metadata={"format": "pt"}))
+    for filename, names in split.filename_to_tensors.items():
+        with fs.open(f"{path.rstrip('/')}/{filename}", "wb") as f:
+            f.write(save({k: sd[k] for k in names}, metadata={"format": "pt"}))
+    if split.is_sharded:
+        with fs.open(f"{path.rstrip('/')}/{SAFETENSORS_INDEX}", "w") as f:
+            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f)
     return url
 
 

@@ -2,7 +2,8 @@
 
 What is logged (``log_model``): an MLflow ``python_function`` model whose artifacts are
 
-- ``weights.pt``: the fp32 state dict (plain tensors; loaded with ``torch.load(weights_only=True)``),
+- ``weights/``: the fp32 state dict as safetensors (sharded with an index above 512 MB; models
+  logged before carry ``weights.pt``, still read),
 - ``spec.json``: the ``pipeline.spec.ModelSpec`` (variant, classes, size, class names, preprocessing),
 
 plus the code of ``models`` and ``pipeline`` (``code_paths``), a signature and an input example.
@@ -34,11 +35,11 @@ import numpy as np
 import mlflow
 import mlflow.pyfunc
 
-from pipeline.checkpoint import check_compatible, to_fp32
+from pipeline.checkpoint import check_compatible, load_weights, save_weights, to_fp32
 from pipeline.errors import PipelineError
 from pipeline.spec import ModelSpec, preprocess, top_k
 
-WEIGHTS_FILE = "weights.pt"
+WEIGHTS_DIR = "weights"
 SPEC_FILE = "spec.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TAG_VAL_DATA = "data.val"                    # version tag: the val split a version was trained against
@@ -97,7 +98,7 @@ def _load_from_files(weights_path: str, spec_path: str):
 
     spec = ModelSpec.from_dict(json.loads(Path(spec_path).read_text()))
     model = spec.build()
-    sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+    sd = load_weights(weights_path)          # a safetensors folder, or an older model's weights.pt
     check_compatible(sd, model, what=f"weights for {spec.variant}")
     model.load_state_dict(sd)
     return model.eval(), spec
@@ -129,8 +130,8 @@ def log_model(model_or_state_dict, spec: ModelSpec, *, name: str = "model",
     net.load_state_dict(sd)
     net.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        wpath, spath = os.path.join(tmp, WEIGHTS_FILE), os.path.join(tmp, SPEC_FILE)
-        torch.save(sd, wpath)
+        wpath, spath = os.path.join(tmp, WEIGHTS_DIR), os.path.join(tmp, SPEC_FILE)
+        save_weights(sd, wpath)
         Path(spath).write_text(json.dumps(spec.to_dict(), indent=1))
         example = pd.DataFrame({"image": [_example_png(spec)]})
         wrapper = CoAtNetPyfunc()

@@ -190,3 +190,24 @@ def test_weight_decay_split_is_the_same_under_zero_init(tmp_path):
     assert res["partitioned"] == res["plain"]
     decay, no_decay = res["plain"]
     assert decay and no_decay and any(n.endswith("relative_position_bias_table") for n in no_decay)
+
+
+def test_weights_round_trip_sharded_safetensors(tmp_path):
+    """save_weights shards above max_shard_size (with an index) and load_weights reads any layout:
+    the one folder format of consolidated, staged and registered weights."""
+    import json
+
+    from pipeline.checkpoint import SAFETENSORS_INDEX, load_weights, save_weights, weight_files
+
+    sd = models.create_model("coatnet_pico", num_classes=10, img_size=32).state_dict()
+    save_weights(sd, str(tmp_path / "one"))
+    save_weights(sd, str(tmp_path / "many"), max_shard_size="100KB")
+    assert [p.rsplit("/", 1)[1] for p in weight_files(str(tmp_path / "one"))] == ["model.safetensors"]
+    shards = weight_files(str(tmp_path / "many"))
+    assert len(shards) > 2 and json.loads((tmp_path / "many" / SAFETENSORS_INDEX).read_text())["weight_map"]
+    for folder in ("one", "many"):
+        back = load_weights(str(tmp_path / folder))
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k].float() if sd[k].is_floating_point()
+                                                            else sd[k]) for k in sd)
+    torch.save(sd, tmp_path / "legacy.pt")                      # the first build's files still load
+    assert load_weights(str(tmp_path / "legacy.pt")).keys() == sd.keys()
