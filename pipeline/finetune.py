@@ -42,6 +42,7 @@ from pipeline.errors import PipelineError
 class FinetuneError(PipelineError):
     """A fine-tuning source that cannot be found, read or fitted to the configured model."""
 
+
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
