@@ -233,7 +233,6 @@ def test_promotion(trained, untrained, shards, tracking, tmp_path):
     assert all(h["by"] and h["time"] for h in history)
 
 
-@pytest.mark.slow   # Ray Data
 def test_significance_gate_rejects_a_better_score_that_could_be_chance(trained, untrained, shards, tracking):
     """A candidate 2 points better on 160 samples, from 5 samples only it gets right against 2 only
     the champion gets right: above the margin, not significant (p = 0.23) - rejected; with the test
@@ -261,6 +260,7 @@ def test_significance_gate_rejects_a_better_score_that_could_be_chance(trained, 
     assert d.action == "promoted" and d.test == "mcnemar-exact"
 
 
+@pytest.mark.slow   # Ray Data
 def test_predict_files_and_shards_through_ray(trained, shards, tracking, tmp_path, ray_local):
     from pipeline.predict import iter_samples, predict
     from pipeline.promote import promote
