@@ -145,9 +145,9 @@ def uploader(storage_path: str, run_name: str, *, timeout_s: float, say=print):
     """A ``ray.train.report(checkpoint_upload_fn=...)``: copies a rank's checkpoint folder to
     ``<storage_path>/<run_name>/<checkpoint dir>`` as Ray's default does, but retries with backoff
     while storage is unreachable, for up to ``timeout_s``; only a longer outage fails the step."""
-    import time
-
     import pyarrow.fs as pafs
+
+    from pipeline.data.storage import RetryPolicy, call_with_retry
 
     def upload(ckpt, dir_name: str):
         from ray.train import Checkpoint
@@ -159,23 +159,22 @@ def uploader(storage_path: str, run_name: str, *, timeout_s: float, say=print):
             fs, root = pafs.FileSystem.from_uri(storage_path if "://" in storage_path
                                                 else os.path.abspath(storage_path))
         dest = f"{root.rstrip('/')}/{run_name}/{dir_name}"
-        deadline, delay, told = time.time() + timeout_s, 1.0, False
-        while True:
-            try:
-                fs.create_dir(dest, recursive=True)
-                pafs.copy_files(ckpt.path, dest, source_filesystem=ckpt.filesystem, destination_filesystem=fs)
-                if told:
-                    say(f"checkpoint {dir_name} uploaded after storage came back")
-                return Checkpoint(path=dest, filesystem=fs)
-            except Exception as e:  # noqa: BLE001 - any storage failure: wait and try again
-                if time.time() + delay > deadline:
-                    raise
-                if not told:
-                    say(f"checkpoint {dir_name}: storage unreachable ({type(e).__name__}); retrying for up "
-                        f"to {timeout_s:.0f} s")
-                    told = True
-                time.sleep(delay)
-                delay = min(2 * delay, 30.0)
+        failed = []
+
+        def copy():
+            fs.create_dir(dest, recursive=True)
+            pafs.copy_files(ckpt.path, dest, source_filesystem=ckpt.filesystem, destination_filesystem=fs)
+
+        def first_failure(e: BaseException) -> None:
+            if not failed:
+                say(f"checkpoint {dir_name}: storage unreachable ({type(e).__name__}); retrying for up "
+                    f"to {timeout_s:.0f} s")
+            failed.append(e)
+        call_with_retry(copy, RetryPolicy(timeout_s=timeout_s, initial_delay_s=1.0, max_delay_s=30.0),
+                        on_retry=first_failure, retry_on=lambda e: True)
+        if failed:
+            say(f"checkpoint {dir_name} uploaded after storage came back")
+        return Checkpoint(path=dest, filesystem=fs)
     return upload
 
 

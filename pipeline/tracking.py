@@ -144,21 +144,17 @@ def fast_fail_env() -> None:
 
 def with_retries(fn, *, timeout_s: float, what: str, say=print):
     """``fn()`` retried with backoff while the tracking server is unreachable, for up to ``timeout_s``."""
-    import time
+    from pipeline.data.storage import RetryPolicy, call_with_retry
 
-    deadline, delay, told = time.time() + timeout_s, 1.0, False
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            if time.time() + delay > deadline:
-                raise
-            if not told:
-                say(f"tracking server unreachable while {what} ({type(e).__name__}); retrying for up to "
-                    f"{timeout_s:.0f} s")
-                told = True
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    failed = []
+
+    def first_failure(e: BaseException) -> None:
+        if not failed:
+            say(f"tracking server unreachable while {what} ({type(e).__name__}); retrying for up to "
+                f"{timeout_s:.0f} s")
+        failed.append(e)
+    return call_with_retry(fn, RetryPolicy(timeout_s=timeout_s, initial_delay_s=1.0, max_delay_s=30.0),
+                           on_retry=first_failure, retry_on=lambda e: True)
 
 
 class SystemMetrics:

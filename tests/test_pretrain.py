@@ -55,6 +55,20 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def ride_out(job: subprocess.Popen, log_path, stop, start, seconds: float):
+    """Take a service away under a running job for ``seconds`` (``stop()``), bring it back
+    (``start()``), wait for the job to finish: (its output, the restarted service). The job must
+    still be running during the outage and end with exit code 0."""
+    stop()
+    time.sleep(seconds)
+    assert job.poll() is None, open(log_path).read()[-3000:]
+    service = start()
+    rc = job.wait(timeout=420)
+    out = open(log_path).read()
+    assert rc == 0, out[-5000:]
+    return out, service
+
+
 def wait_for(cond, proc: subprocess.Popen, timeout: float = 480, what: str = "") -> None:
     t0 = time.time()
     while not cond():

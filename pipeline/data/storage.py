@@ -86,14 +86,17 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def call_with_retry(fn: Callable[[], T], policy: RetryPolicy,
-                    on_retry: Callable[[BaseException], None] | None = None) -> T:
-    """``fn()``, retried on transient errors per ``policy``; the last error propagates."""
+                    on_retry: Callable[[BaseException], None] | None = None,
+                    retry_on: Callable[[BaseException], bool] | None = None) -> T:
+    """``fn()``, retried per ``policy`` on errors ``retry_on`` accepts (default: transient storage
+    errors, ``is_retryable``); the last error propagates. The one retry loop of the pipeline."""
     delays = policy.delays()
+    retry_on = retry_on or is_retryable
     while True:
         try:
             return fn()
         except Exception as exc:
-            delay = next(delays, None) if is_retryable(exc) else None
+            delay = next(delays, None) if retry_on(exc) else None
             if delay is None:
                 raise
             if on_retry is not None:
@@ -111,7 +114,7 @@ def is_url(path: str) -> bool:
     """Whether ``path`` names its filesystem by a scheme (``s3://``, ``gs://``, ``file://``,
     ``memory://``...), i.e. must be opened through fsspec by that protocol, rather than being a
     plain local path. Says nothing about remoteness (``file://`` is a URL here) and nothing about
-    ``models:/`` or ``runs:/`` URIs, which have no ``//``. (``pipeline.config.is_url`` is another
+    ``models:/`` or ``runs:/`` URIs, which have no ``//``. (``pipeline.config.is_remote`` is another
     question - "is this not a local path to make absolute?" - and answers False for ``file://``.)"""
     return "://" in path
 
