@@ -29,17 +29,21 @@ def ray_head():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{venv_bin}:{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     dash = free_port()
-    low = random.randrange(40000, 59000, 100)
     ports = {"--port": free_port(), "--dashboard-port": dash, "--node-manager-port": free_port(),
              "--object-manager-port": free_port(), "--ray-client-server-port": free_port(),
              "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
-             "--min-worker-port": low, "--max-worker-port": low + 99}
+             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
+    # worker ports below the kernel's ephemeral range (where free_port's come from), clear of them
+    low = random.randrange(20000, 29900, 100)
+    while any(low <= p <= low + 99 for p in ports.values()):
+        low = random.randrange(20000, 29900, 100)
+    ports.update({"--min-worker-port": low, "--max-worker-port": low + 99})
     cmd = [os.path.join(venv_bin, "ray"), "start", "--head", "--block", "--num-cpus", "2",
            "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
     for k, v in ports.items():
         cmd += [k, str(v)]
-    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    head_log = os.path.join(temp_dir, "head.log")
+    head = subprocess.Popen(cmd, env=env, stdout=open(head_log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -55,7 +59,7 @@ def ray_head():
                 break
             except OSError:
                 if head.poll() is not None or time.time() - t0 > 180:
-                    raise AssertionError("Ray head did not come up")
+                    raise AssertionError("Ray head did not come up:\n" + open(head_log).read()[-3000:])
                 time.sleep(1)
         yield {"address": address, "env": env}
     finally:
