@@ -18,15 +18,16 @@ import pytest
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch_extensions"))
 # Keep Ray from attaching to a cluster another process on this shared host started.
 os.environ.pop("RAY_ADDRESS", None)
-# Jobs write their full logs here (not into the checkout); removed at the end of the session.
-_LOG_DIR = tempfile.mkdtemp(prefix="coatnet-logs-")
-os.environ["COATNET_LOG_DIR"] = _LOG_DIR
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _job_logs():
-    yield _LOG_DIR
-    shutil.rmtree(_LOG_DIR, ignore_errors=True)
+    """Jobs write their full logs here (not into the checkout); removed at the end of the session.
+    Made by the fixture, not at import: conftest may be imported more than once."""
+    log_dir = tempfile.mkdtemp(prefix="coatnet-logs-")
+    os.environ["COATNET_LOG_DIR"] = log_dir
+    yield log_dir
+    shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def free_port() -> int:
