@@ -181,7 +181,9 @@ def ray_session(num_cpus: float | None = None) -> Iterator[None]:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, configure_logging=False)
     else:
-        tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")   # short: unix socket paths < 107 chars
+        # short (unix socket paths < 107 chars), and named by this pid so that whoever SIGKILLs a
+        # driver (which then cannot clean up) can find and remove its Ray's files
+        tmp = tempfile.mkdtemp(prefix=f"rp{os.getpid()}-", dir="/tmp")
         ray.init(address="local", num_cpus=max(int(math.ceil(num_cpus or 0)), os.cpu_count() or 1),
                  _temp_dir=tmp, include_dashboard=False, log_to_driver=True, configure_logging=False)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,13 @@ def kill_session(proc: subprocess.Popen) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
     proc.wait(timeout=60)
+    remove_ray_files(proc.pid)
+
+
+def remove_ray_files(driver_pid: int) -> None:
+    """The private Ray temp dir of a driver that was killed before it could remove it."""
+    for d in glob.glob(f"/tmp/rp{driver_pid}-*"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def ride_out(job: subprocess.Popen, log_path, stop, start, seconds: float):

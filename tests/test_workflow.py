@@ -200,11 +200,14 @@ def _start(cfg: Path, uri: str, cwd: Path, log: Path) -> subprocess.Popen:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    from test_pretrain import remove_ray_files
+
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait(timeout=60)
+    remove_ray_files(proc.pid)
 
 
 @pytest.mark.slow
