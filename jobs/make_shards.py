@@ -7,6 +7,11 @@ SOURCE: a folder (one subfolder per class), a .csv/.parquet manifest (image colu
 `labels` for multi-label), or the word `demo` (the generated 10-class dataset). DEST: a local path
 or any fsspec URL (s3://bucket/prefix); shards go to DEST/<split>/. Credentials and endpoints come
 from the standard places (AWS_* variables, profiles). A rerun skips shards already complete.
+
+With --ray, every part (--shards-per-part consecutive shards) is a Ray task: on the cluster when
+RAY_ADDRESS is set (`ray job submit -- python jobs/make_shards.py ... --ray`), else on a private
+local Ray with --workers CPUs. A Parquet manifest is streamed (each task reads its own rows), so a
+10^9-row manifest is never whole in memory; a killed run, re-run, writes only what is missing.
 """
 from __future__ import annotations
 
@@ -31,7 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     p.add_argument("--classes", default=None,
                    help="text file with one class name per line (manifest labels index into it)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
+    p.add_argument("--shards-per-part", type=int, default=16,
+                   help="shards per task; a Parquet manifest's rows are permuted within a part")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="writer processes (with --ray and no RAY_ADDRESS: the local Ray's CPUs)")
+    p.add_argument("--ray", action="store_true",
+                   help="one Ray task per part (the cluster at RAY_ADDRESS, else a local Ray)")
     p.add_argument("--seed", type=int, default=0, help="input shuffle and val split")
     p.add_argument("--no-progress", action="store_true")
     demo = p.add_argument_group("demo source")
@@ -51,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = write_demo_shards(args.dest, num_train=args.num_train, num_val=args.num_val,
                                         image_size=args.image_size, multi_label=args.multi_label,
                                         samples_per_shard=args.samples_per_shard, seed=args.seed,
-                                        num_workers=args.workers, progress=not args.no_progress)
+                                        num_workers=args.workers, progress=not args.no_progress,
+                                        executor="ray" if args.ray else "local")
         else:
             classes = None
             if args.classes:
@@ -60,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             options = ShardOptions(samples_per_shard=args.samples_per_shard, max_side=args.max_side,
                                    reencode=args.reencode, quality=args.quality,
                                    num_workers=args.workers, progress=not args.no_progress,
-                                   seed=args.seed)
+                                   seed=args.seed, shards_per_part=args.shards_per_part,
+                                   executor="ray" if args.ray else "local")
             summary = write_shards(args.source, args.dest, split=args.split,
                                    val_fraction=args.val_fraction, options=options,
                                    class_names=classes)

@@ -194,6 +194,16 @@ def ray_session(num_cpus: float | None = None) -> Iterator[None]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def worker_env() -> dict[str, str]:
+    """The environment a Ray worker of this job needs from the driver: credentials and endpoints
+    (``_PASS_ENV``; passed, never logged) and this checkout on ``PYTHONPATH``, so that workers
+    import its packages whatever their working directory."""
+    env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH")) if x)
+    return env
+
+
 def ray_cpus(cfg: Config) -> float:
     return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
 
@@ -206,10 +216,7 @@ def make_trainer(cfg: Config, task: TrainTask):
 
     s = cfg.scaling
     fs, path = storage_filesystem(cfg.storage.storage_path)
-    env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-    # workers import this checkout's packages whatever their working directory
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH")) if x)
+    env = worker_env()
     env.setdefault("OMP_NUM_THREADS", str(s.torch_threads or max(1, int(s.cpus_per_worker))))
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     return TorchTrainer(
