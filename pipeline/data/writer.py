@@ -286,8 +286,8 @@ def scan_manifest(url: str, class_names: Sequence[str] | None = None,
                 raise DataError(f"manifest {redact_url(url)} has no rows")
             if class_names is None:
                 seen: set[str] = set()
-                for batch in pf.iter_batches(batch_size=1 << 20, columns=[label_column]):
-                    values = batch.column(0)
+                for group in range(pf.metadata.num_row_groups):   # one at a time: a call over all
+                    values = pf.read_row_group(group, columns=[label_column]).column(0)  # pre-buffers all
                     if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
                         values = pc.list_flatten(values)
                     for value in pc.unique(values).to_pylist():
