@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -120,18 +121,23 @@ def save(engine, *, rank: int, state: TrainState, run_key: str, ema: list[torch.
 UNIVERSAL_TAG = "universal"
 
 
-def to_universal(directory: str) -> str:
+def to_universal(directory: str, out: str | None = None) -> str:
     """Convert the ZeRO-3 shards of a checkpoint folder into DeepSpeed's universal format (one
-    file per parameter: fp32 weights and Adam moments, not tied to a world size) in a new local
-    folder, returned. An engine built with ``{"checkpoint": {"load_universal": true}}`` then loads
-    it at any world size (``load(..., universal=folder)``)."""
+    file per parameter: fp32 weights and Adam moments, not tied to a world size) in the local
+    folder ``out`` (default: a new temporary one), returned. An engine built with
+    ``{"checkpoint": {"load_universal": true}}`` then loads it at any world size
+    (``load(..., universal=folder)``)."""
     import argparse
     import contextlib
     import io
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    out = tempfile.mkdtemp(prefix="coatnet-universal-")
+    if out is None:
+        out = tempfile.mkdtemp(prefix="coatnet-universal-")
+    else:
+        shutil.rmtree(out, ignore_errors=True)          # what a killed conversion left
+        os.makedirs(out)
     args = argparse.Namespace(input_folder=os.path.join(directory, DS_TAG),
                               output_folder=os.path.join(out, UNIVERSAL_TAG), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
@@ -139,6 +145,16 @@ def to_universal(directory: str) -> str:
     with contextlib.redirect_stdout(io.StringIO()):      # its progress bars and banners
         ds_to_universal(args)
     return out
+
+
+def node_universal_dir(run_key: str, step: int) -> str:
+    """The node-local folder where a resharding resume puts the universal checkpoint of ``step``:
+    named by run and step, so that every rank of a node finds the one its first rank wrote, and a
+    conversion a kill interrupted is overwritten by the next."""
+    import hashlib
+
+    digest = hashlib.sha1(run_key.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"coatnet-universal-{digest}-{step}")
 
 
 def uploader(storage_path: str, run_name: str, *, timeout_s: float, say=print):

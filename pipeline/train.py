@@ -222,10 +222,20 @@ def train_loop_per_worker(task: TrainTask) -> None:
         engine, optimizer = build_engine(cfg, ds_config)
         ema = [p.detach().float().clone() for p in partitions(engine.module)] if t.ema_decay else None
         if saved is not None:
-            universal = checkpoint.to_universal(ckdir) if reshard else None
+            universal, convert_s = None, 0.0
+            if reshard:
+                # once per node: its first rank converts, every rank of the node reads the result
+                universal = checkpoint.node_universal_dir(run_key, saved.step)
+                t0 = time.perf_counter()
+                if ctx.get_local_rank() == 0:
+                    checkpoint.to_universal(ckdir, universal)
+                dist.barrier()
+                convert_s = time.perf_counter() - t0
             state, ema_loaded = checkpoint.load(engine, ckdir, rank=rank, universal=universal)
             if universal:
-                shutil.rmtree(universal, ignore_errors=True)
+                dist.barrier()
+                if ctx.get_local_rank() == 0:
+                    shutil.rmtree(universal, ignore_errors=True)
             step, samples_seen, skipped_before = state.step, state.samples_seen, state.skipped_samples
             train_loader.load_state_dict(state.loader)
             if ema is not None and ema_loaded is not None:
@@ -233,7 +243,8 @@ def train_loop_per_worker(task: TrainTask) -> None:
             if rank == 0:
                 task.say(f"resumed from step {step} ({samples_seen} samples seen)"
                          + (f"; resharded from {saved.world_size} to {world} workers, "
-                            f"grad_accum {t.grad_accum}" if reshard else "")
+                            f"grad_accum {t.grad_accum} (universal checkpoint made once per node "
+                            f"in {convert_s:.1f} s)" if reshard else "")
                          + (f"; removed {stale} unfinished local checkpoint folder(s)" if stale else ""))
     dtype = compute_dtype(cfg)
     for cb in callbacks:

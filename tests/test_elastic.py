@@ -4,6 +4,7 @@ checkpoint, the global batch is kept (gradient accumulation moves), the data cur
 same epoch, and the MLflow run goes on."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -37,6 +38,9 @@ def test_resume_on_fewer_then_more_workers(tmp_path):
         outs.append(r.stdout)
     assert "resharded from 2 to 1 workers, grad_accum 2" in outs[1], outs[1]
     assert "resharded from 1 to 2 workers, grad_accum 1" in outs[2], outs[2]
+    assert all("universal checkpoint made once per node" in outs[i] for i in (1, 2))
+    made = checkpoint.node_universal_dir(f"{storage}/elastic", 0).rsplit("-", 1)[0]
+    assert not glob.glob(f"{made}-*")                                       # removed after loading
 
     for resumed_at, ranks, from_world in ((4, (0,), 2), (8, (0, 1), 1)):
         starts = [json.load(open(f"{start_dir}/start.s{resumed_at}.rank{r}.json")) for r in ranks]
