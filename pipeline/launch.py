@@ -116,6 +116,7 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
     except (DataError, OSError, ValueError) as e:
         raise ConfigError(f"data.root: cannot read the shard index: {e}") from None
     train_samples = index.num_samples if index is not None else 0
+    trained_on = [(cfg.data.train_url, index)] if index is not None else []
     for i, (name, url, _) in enumerate(cfg.data.train_sources()):
         try:
             src = ShardIndex.load(url)
@@ -125,7 +126,14 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
             raise ConfigError(f"data.sources.{i} ({name}): another label space than the first source "
                               f"({src.num_classes} {src.label_type}-label classes vs {index.num_classes})")
         index = index or src
+        trained_on.append((url, src))
         train_samples += src.num_samples
+    for url, idx in trained_on:
+        if not idx.pre_shuffled:
+            part = idx.meta.get("samples_per_shard", 0) * idx.meta.get("shards_per_part", 0)
+            say(f"note: {scrub_text(url)} is not pre-shuffled (rows mixed within parts"
+                f"{f' of {part}' if part else ''} only); the loader mixes shards and a sample buffer "
+                f"per worker - shuffle a class-sorted manifest before make_shards")
     if cfg.model.num_classes is None:
         cfg.model.num_classes = index.num_classes
     elif cfg.model.num_classes != index.num_classes and not cfg.init.from_checkpoint:

@@ -168,3 +168,24 @@ def test_mixture_config_errors(demo_data, tmp_path):
                                       f"{{root: {tmp_path}/nowhere, weight: 1}}]")
     cfg, task = _prepare(demo_data, tmp_path, f"data.sources=[{{root: {demo_data}, weight: 1, name: x}}]")
     assert cfg.data.train_sources() == [("x", f"{demo_data}/train", 1.0)]
+
+
+def test_preflight_says_when_training_shards_are_not_pre_shuffled(demo_data, tmp_path, capsys):
+    """An index written from a streamed Parquet manifest (rows permuted within parts only) says so
+    in pre_shuffled; the job tells the user once, before training; a globally shuffled one is quiet."""
+    import dataclasses
+    import shutil
+
+    from pipeline.data import ShardIndex
+
+    _prepare(demo_data, tmp_path)
+    assert "not pre-shuffled" not in capsys.readouterr().out
+    root = tmp_path / "streamed"
+    shutil.copytree(demo_data, root)
+    index = ShardIndex.load(f"{root}/train")
+    assert index.pre_shuffled                               # the demo writer shuffles globally
+    meta = {**index.meta, "samples_per_shard": 32, "shards_per_part": 16}
+    dataclasses.replace(index, pre_shuffled=False, meta=meta, stored_fingerprint=None).save()
+    _prepare(str(root), tmp_path)
+    out = capsys.readouterr().out
+    assert f"{root}/train is not pre-shuffled (rows mixed within parts of 512 only)" in out, out
