@@ -1,6 +1,9 @@
 """Driver memory when turning a ZeRO-3 checkpoint into fp32 weights: the whole state dict at once
 (`checkpoint.consolidate`, what the first build did) vs streamed into safetensors shards
-(`checkpoint.consolidate_to`, what `pipeline.launch` does now).
+(`checkpoint.consolidate_to`, what `pipeline.launch` does now); and the fine-tuning driver's work
+on the same checkpoint at 384 px: the first build's path (whole state dict, tables resized on the
+driver, weights written back) vs today's (`finetune.resolve_source` + `stage_init`: streamed
+consolidation, a meta-device check from the safetensors headers, the files copied to init/).
 
     python benchmarks/consolidate_memory.py --variant coatnet_5 --world 2
 
@@ -45,6 +48,13 @@ def _rank(rank: int, world: int, port: int, variant: str, out: str) -> None:
         model = models.create_model(variant, num_classes=1000, img_size=224)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model), config=ds)
     engine.save_checkpoint(out, tag="ds")
+    if rank == 0:   # what a training checkpoint carries besides the shards (fine-tuning reads it)
+        from pipeline.checkpoint import STATE_FILE, TrainState
+
+        state = TrainState(step=0, samples_seen=0, total_steps=0, loader={}, world_size=world,
+                           config={"model": {"variant": variant, "img_size": 224, "num_classes": 1000}})
+        with open(os.path.join(out, STATE_FILE), "w") as f:
+            f.write(state.to_json())
 
 
 def _measure(mode: str, ckpt: str, out: str) -> None:
@@ -73,9 +83,29 @@ def _measure(mode: str, ckpt: str, out: str) -> None:
     if mode == "whole":
         sd = checkpoint.consolidate(ckpt)
         n = sum(v.numel() for v in sd.values())
-    else:
+    elif mode == "streamed":
         checkpoint.consolidate_to(ckpt, out, max_shard_size="512MB")
         n = len(os.listdir(out))
+    elif mode == "finetune-whole":     # the first build: every tensor on the driver, then written
+        import models
+
+        variant = checkpoint.read_state(ckpt).config["model"]["variant"]
+        sd = checkpoint.consolidate(ckpt)
+        net = models.create_model(variant, num_classes=1000, img_size=384, device="meta")
+        sd, _ = checkpoint.adapt_state_dict(net, sd, img_size=384)
+        checkpoint.save_weights(sd, out)
+        n = len(checkpoint.weight_files(out))
+    else:                              # today: files and headers only
+        from pipeline import finetune
+        from pipeline.config import load_config
+
+        variant = checkpoint.read_state(ckpt).config["model"]["variant"]
+        cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                          [f"model.variant={variant}", "model.img_size=384", "model.num_classes=1000",
+                           f"storage.storage_path={out}", "storage.name=ft"])
+        with finetune.resolve_source(ckpt) as source:
+            staged, _ = finetune.stage_init(cfg, source)
+        n = len(checkpoint.weight_files(staged.init.from_checkpoint))
     done.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"mode": mode, "baseline_mb": base / 1024, "peak_mb": peak / 1024,
@@ -116,14 +146,14 @@ def main() -> None:
         print(f"{args.variant}: {params / 1e9:.3f} B parameters, ZeRO-3 checkpoint of {args.world} ranks "
               f"{size / 2**30:.1f} GiB written in {time.time() - t0:.0f} s")
         rows = []
-        for mode in ("whole", "streamed"):
+        for mode in ("whole", "streamed", "finetune-whole", "finetune"):
             out = os.path.join(work, f"out-{mode}")
             r = subprocess.run([sys.executable, __file__, "--_measure", mode, ckpt, out], capture_output=True,
                                text=True, env={**os.environ, "PYTHONPATH": ROOT})
             assert r.returncode == 0, r.stderr[-3000:]
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         fp32 = params * 4 / 2**20
-        print(f"\n| consolidation | driver baseline RSS MB | peak RSS MB | added RSS MB | added anonymous MB "
+        print(f"\n| driver work | driver baseline RSS MB | peak RSS MB | added RSS MB | added anonymous MB "
               f"| anonymous / fp32 model ({fp32:.0f} MB) | s |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:

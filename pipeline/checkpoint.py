@@ -304,6 +304,54 @@ def load_weights(url: str) -> dict[str, torch.Tensor]:
     return out
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def weight_shapes(url: str) -> dict[str, torch.Tensor]:
+    """Meta tensors (names, shapes, dtypes, no data) of the weights at ``url``, read from the
+    safetensors headers alone: 8 bytes plus the JSON header of each file, so a driver can check
+    a 10 GB model against a network without reading it. A legacy .pt file is read whole."""
+    import fsspec
+
+    out: dict[str, torch.Tensor] = {}
+    for file in weight_files(url):
+        with fsspec.open(file, "rb") as f:
+            if not file.endswith(".safetensors"):
+                out.update(torch.load(f, map_location="meta", weights_only=True))
+                continue
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                out[name] = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]], device="meta")
+    return out
+
+
+def copy_weights(src: str, dest: str, *, chunk_bytes: int = 64 << 20) -> str:
+    """Copy the weights at ``src`` into the folder ``dest`` (local paths or fsspec URLs, any pair),
+    file by file in ``chunk_bytes`` pieces: the model is never in memory whole. A legacy .pt file
+    becomes ``model.safetensors`` (that one is loaded whole). Returns ``dest``."""
+    import fsspec
+
+    files = weight_files(src)
+    if len(files) == 1 and not files[0].endswith(".safetensors"):
+        return save_weights(load_weights(files[0]), dest)
+    fs, path = fsspec.core.url_to_fs(dest)
+    fs.makedirs(path, exist_ok=True)
+    sharded = len(files) > 1          # from an index (one file is always model.safetensors)
+    names = [f.rsplit("/", 1)[-1] for f in files] if sharded else [SAFETENSORS_FILE]
+    if sharded:
+        index = f"{src.rstrip('/')}/{SAFETENSORS_INDEX}"
+        files, names = [index, *files], [SAFETENSORS_INDEX, *names]
+    for file, name in zip(files, names):
+        with fsspec.open(file, "rb") as r, fs.open(f"{path.rstrip('/')}/{name}", "wb") as w:
+            while chunk := r.read(chunk_bytes):
+                w.write(chunk)
+    return dest
+
+
 # --------------------------------------------------------------------------------------------
 # Weights against a network
 # --------------------------------------------------------------------------------------------
@@ -369,8 +417,9 @@ def adapt_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, img
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """The checkpoint a re-run of the Ray run at ``run_dir`` (local path or URL) resumes from:
-    the one Ray's snapshot file names, else the newest ``checkpoint_*`` folder holding a complete
-    train state. None when there is none."""
+    the one Ray's snapshot file names (Ray registers a checkpoint only once every rank has uploaded
+    its part), else the newest complete ``checkpoint_*`` folder (``is_complete``: a save that a
+    kill interrupted leaves a folder with some ranks' files, never chosen). None when there is none."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(run_dir)
@@ -384,8 +433,23 @@ def latest_checkpoint(run_dir: str) -> str | None:
     except (OSError, ValueError):
         pass   # no snapshot (new run, or copied folders): look at the folders
     try:
-        cks = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*")
-                     if fs.exists(f"{p}/{STATE_FILE}"))
+        cks = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*") if is_complete(fs, p))
     except OSError:
         return None
     return (proto + cks[-1] if proto and not cks[-1].startswith(proto) else cks[-1]) if cks else None
+
+
+def is_complete(fs, path: str) -> bool:
+    """A checkpoint folder (on filesystem ``fs``) holds its train state and, for every rank of the
+    world size the state names, the rank's ZeRO model and optimizer files."""
+    try:
+        with fs.open(f"{path.rstrip('/')}/{STATE_FILE}", "rb") as f:
+            world = json.loads(f.read()).get("world_size")
+        if not world:          # format 1 states do not say: the state file is all we can check
+            return True
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{path.rstrip('/')}/{DS_TAG}", detail=False)}
+    except (OSError, ValueError):
+        return False
+    return all(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" in names
+               and any(n.endswith(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for n in names)
+               for r in range(int(world)))

@@ -7,16 +7,17 @@
 What happens (the training itself is the pretraining machinery, ``pipeline.launch.run`` with
 ``stage="finetune"``):
 
-1. ``resolve_source``: the reference becomes one fp32 state dict plus what it is (variant,
-   resolution, classes). ZeRO-3 checkpoints are consolidated (``checkpoint.consolidate``); MLflow
-   runs give their ``weights/`` artifact (safetensors); registered models come through
-   ``registry.load_model``.
-2. ``stage_init``: checked against the fine-tuning config on the driver BEFORE any worker starts
-   (a meta-device model: no memory): same variant, every body tensor present with a fitting shape
-   after the relative-position tables are resized (``models.resize_state_dict``, bilinear); a head
-   whose class count differs is re-initialised. Errors are ``FinetuneError`` naming the tensors.
-   The weights are written next to the run (``<storage>/<name>/init/``, shared storage so
-   every worker of a cluster can read them) and become ``init.from_checkpoint``.
+1. ``resolve_source``: the reference becomes fp32 safetensors files plus what they are (variant,
+   resolution, classes). ZeRO-3 checkpoints are streamed into files (``checkpoint.consolidate_to``,
+   one output shard in memory at a time); MLflow runs give their ``weights/`` artifact; registered
+   models their files (``registry.fetch_model``). Nothing is loaded whole on the driver.
+2. ``stage_init``: checked against the fine-tuning config on the driver BEFORE any worker starts,
+   on the meta device from the files' headers (no weight is read): same variant, every body tensor
+   present with a fitting shape after the relative-position tables are resized
+   (``models.resize_state_dict``); a head whose class count differs is re-initialised. Errors are
+   ``FinetuneError`` naming the tensors. The files are copied next to the run
+   (``<storage>/<name>/init/``, shared storage so every worker of a cluster can read them) and
+   become ``init.from_checkpoint``; the workers do the surgery on the real tensors.
 3. ``launch.run(stage="finetune", extra_tags=...)`` trains; its MLflow run carries the lineage
    (``coatnet.source``, ``coatnet.parent_run`` = the pretraining run, ``coatnet.source_checkpoint``,
    ``coatnet.source_weights``; ``mlflow.parentRunId`` inside a workflow).
@@ -29,8 +30,8 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,11 +49,15 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 @dataclass
 class SourceModel:
-    """A pretrained model resolved from a reference: fp32 weights plus what they are."""
+    """A pretrained model resolved from a reference: where its fp32 weights are (safetensors files,
+    read lazily) plus what they are. The driver checks them by ``shapes()`` (the files' headers)
+    and stages them by copying files, so it never holds the model; ``load()`` reads it whole for
+    the driver-side evaluation. Files it had to download or consolidate live in a temporary folder
+    removed by ``close()`` (or when the object is collected)."""
 
     kind: str                          # run | registry | checkpoint | weights | mlflow-model
     ref: str                           # as the user gave it
-    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    weights: str                       # a weights folder or file (checkpoint.weight_files), local or URL
     variant: str | None
     img_size: int | None
     num_classes: int | None
@@ -60,11 +65,32 @@ class SourceModel:
     parent_run_id: str | None = None   # the MLflow run that produced the weights
     model_version: str | None = None   # name/version for registry sources
     checkpoint: str | None = None      # the checkpoint folder the weights came from
+    scratch: str | None = field(default=None, repr=False)   # owned temporary folder, if any
 
-    def describe(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("state_dict")
-        return d
+    def __post_init__(self) -> None:
+        if self.scratch:
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.scratch, True)
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        """Meta tensors of every weight (names, shapes, dtypes) from the safetensors headers."""
+        try:
+            return checkpoint.weight_shapes(self.weights)
+        except Exception as e:  # noqa: BLE001 - truncated header, unpickling refused...
+            raise FinetuneError(f"{self.ref}: unreadable weights at {self.weights}: {type(e).__name__}: {e}") from None
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The whole fp32 state dict (for driver-side evaluation; checks and staging never need it)."""
+        return _load_weights(self.weights)
+
+    def close(self) -> None:
+        if self.scratch:
+            self._cleanup()
+
+    def __enter__(self) -> "SourceModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +101,8 @@ def resolve_source(ref: str, *, tracking_uri: str | None = None, ema: bool = Tru
     """An MLflow run id, ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, ``runs:/ID/...``, or a
     folder/URL (a Ray run folder, one checkpoint folder, a weights folder or file, an MLflow
     model) or a ``.pt`` file -> SourceModel. FinetuneError (or RegistryError for a bad model URI)
-    with a one-line reason otherwise."""
+    with a one-line reason otherwise. Nothing is loaded whole: a ZeRO-3 checkpoint is streamed
+    into safetensors files (``checkpoint.consolidate_to``), artifacts are downloaded as files."""
     import mlflow
 
     if tracking_uri:
@@ -89,13 +116,22 @@ def resolve_source(ref: str, *, tracking_uri: str | None = None, ema: bool = Tru
     return _from_path(ref)
 
 
-def _from_registry(uri: str) -> SourceModel:
-    from pipeline.registry import load_model
+def _from_mlflow_model(kind: str, uri: str) -> SourceModel:
+    from pipeline.registry import fetch_model
 
-    model, meta = load_model(uri)
-    return SourceModel("registry", uri, checkpoint.to_fp32(model), meta["variant"], int(meta["img_size"][0]),
-                       int(meta["num_classes"]), list(meta["class_names"]), meta.get("run_id"),
-                       f"{meta.get('name')}/{meta.get('version')}" if meta.get("version") else None)
+    scratch = tempfile.mkdtemp(prefix="ft-src-")
+    try:
+        weights, spec, meta = fetch_model(uri, dst_path=scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    version = f"{meta['name']}/{meta['version']}" if meta.get("version") else None
+    return SourceModel(kind, uri, weights, spec.variant, int(spec.img_size[0]), int(spec.num_classes),
+                       list(spec.class_names), meta.get("run_id"), version, scratch=scratch)
+
+
+def _from_registry(uri: str) -> SourceModel:
+    return _from_mlflow_model("registry", uri)
 
 
 def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
@@ -110,25 +146,25 @@ def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
     variant = tags.get("coatnet.variant")
     img = int(tags["coatnet.img_size"]) if tags.get("coatnet.img_size") else None
     ncls = int(tags["coatnet.num_classes"]) if tags.get("coatnet.num_classes") else None
-    tmp = tempfile.mkdtemp(prefix="ft-src-")
+    ck = tags.get("coatnet.checkpoint")
+    scratch = tempfile.mkdtemp(prefix="ft-src-")
     try:
-        try:
-            names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
-            which = checkpoint.EMA_WEIGHTS_DIR if ema and checkpoint.EMA_WEIGHTS_DIR in names else checkpoint.WEIGHTS_DIR
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=which, dst_path=tmp)
-            sd = _load_weights(path)
-            ck = tags.get("coatnet.checkpoint")
-        except Exception:  # noqa: BLE001 - no weights artifact: fall back to the run's checkpoint
-            ck = tags.get("coatnet.checkpoint")
-            if not ck:
-                status = run.info.status
-                raise FinetuneError(f"MLflow run {run_id} has no weights/ artifact and no "
-                                    f"coatnet.checkpoint tag (status {status}: did it finish?)") from None
-            src = _from_path(ck)
-            sd = src.state_dict
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return SourceModel("run", run_id, sd, variant, img, ncls, None, run_id, None, ck)
+        names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+        which = checkpoint.EMA_WEIGHTS_DIR if ema and checkpoint.EMA_WEIGHTS_DIR in names else checkpoint.WEIGHTS_DIR
+        if which in names:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=which, dst_path=scratch)
+            return SourceModel("run", run_id, path, variant, img, ncls, None, run_id, None, ck, scratch=scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    if not ck:   # no weights artifact: the run's checkpoint
+        raise FinetuneError(f"MLflow run {run_id} has no weights/ artifact and no "
+                            f"coatnet.checkpoint tag (status {run.info.status}: did it finish?)")
+    src = _from_path(ck)          # keeps its scratch folder; it only becomes this run's source
+    src.kind, src.ref, src.parent_run_id, src.checkpoint = "run", run_id, run_id, ck
+    src.variant, src.img_size, src.num_classes = variant or src.variant, img or src.img_size, ncls or src.num_classes
+    return src
 
 
 def _load_weights(path: str) -> dict[str, torch.Tensor]:
@@ -146,7 +182,8 @@ def _checkpoint_dirs(fs, path: str) -> list[str]:
 
 
 def _from_path(ref: str) -> SourceModel:
-    """A local or fsspec path: .pt file, MLflow model folder, checkpoint folder or Ray run folder."""
+    """A local or fsspec path: .pt/.safetensors file, weights folder, MLflow model folder,
+    checkpoint folder or Ray run folder."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(ref)
@@ -155,13 +192,9 @@ def _from_path(ref: str) -> SourceModel:
     if not fs.exists(path):
         raise FinetuneError(f"source {ref!r}: no such run id, model URI, folder or file")
     if fs.isfile(path):
-        return SourceModel("weights", ref, _load_weights(ref), None, None, None)
+        return SourceModel("weights", ref, ref, None, None, None)
     if fs.exists(f"{path}/MLmodel"):
-        from pipeline.registry import load_model
-
-        model, meta = load_model(ref)
-        return SourceModel("mlflow-model", ref, checkpoint.to_fp32(model), meta["variant"], int(meta["img_size"][0]),
-                           int(meta["num_classes"]), list(meta["class_names"]))
+        return _from_mlflow_model("mlflow-model", ref)
     ck_dir = path
     if not fs.exists(f"{path}/{checkpoint.STATE_FILE}"):
         cks = _checkpoint_dirs(fs, path)
@@ -171,34 +204,36 @@ def _from_path(ref: str) -> SourceModel:
                     checkpoint.weight_files(full(weights))
                 except FileNotFoundError:
                     continue
-                return SourceModel("weights", ref, _load_weights(full(weights)), None, None, None)
+                return SourceModel("weights", ref, full(weights), None, None, None)
             raise FinetuneError(f"source {ref!r}: no checkpoint in this folder (expected {checkpoint.STATE_FILE} "
                                 f"and ds/, checkpoint_* folders, safetensors weights or an MLflow model)")
         ck_dir = cks[-1]
-    # one checkpoint folder: ZeRO-3 shards -> fp32, on this process (no process group)
-    tmp = None
+    # one checkpoint folder: ZeRO-3 shards streamed into fp32 safetensors, on this process
+    scratch = tempfile.mkdtemp(prefix="ft-ck-")
     try:
         if proto:
-            tmp = tempfile.mkdtemp(prefix="ft-ck-")
-            fs.get(ck_dir.rstrip("/") + "/", tmp, recursive=True)
-            local = tmp
+            local = os.path.join(scratch, "checkpoint")
+            fs.get(ck_dir.rstrip("/") + "/", local, recursive=True)
         else:
             local = ck_dir
         try:
             state = checkpoint.read_state(local)
         except (OSError, json.JSONDecodeError) as e:
             raise FinetuneError(f"source {ref!r}: unreadable {checkpoint.STATE_FILE}: {e}") from None
+        weights = os.path.join(scratch, checkpoint.WEIGHTS_DIR)
         try:
-            sd = checkpoint.consolidate(local)
+            checkpoint.consolidate_to(local, weights)
         except Exception as e:  # noqa: BLE001 - DeepSpeed raises assorted errors on partial folders
             raise FinetuneError(f"source {ref!r}: cannot consolidate the ZeRO checkpoint in {full(ck_dir)}: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if proto:
+            shutil.rmtree(local, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     m = state.config.get("model", {})
-    return SourceModel("checkpoint", ref, sd, m.get("variant"), m.get("img_size"), m.get("num_classes"),
-                       None, state.mlflow_run_id, None, full(ck_dir))
+    return SourceModel("checkpoint", ref, weights, m.get("variant"), m.get("img_size"), m.get("num_classes"),
+                       None, state.mlflow_run_id, None, full(ck_dir), scratch=scratch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,10 +241,13 @@ def _from_path(ref: str) -> SourceModel:
 # --------------------------------------------------------------------------------------------
 
 def adapt(source: SourceModel, variant: str, img_size: int, num_classes: int, *, reset_head: bool = False,
-          strict: bool = True, model=None) -> tuple[dict[str, torch.Tensor], list[str]]:
+          strict: bool = True, model=None, state_dict: dict[str, torch.Tensor] | None = None
+          ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Source weights -> (state dict for the new network, re-initialised head keys): bias tables
     resized (bilinear), a head of another class count dropped; anything else that does not fit is
-    a FinetuneError naming it. ``model``: the target network (default: built on the meta device)."""
+    a FinetuneError naming it. ``model``: the target network (default: built on the meta device).
+    ``state_dict``: the source's loaded weights; by default its meta tensors (``shapes()``), which
+    check the fit without reading any weight."""
     import models
 
     if source.variant and source.variant != variant:
@@ -217,23 +255,23 @@ def adapt(source: SourceModel, variant: str, img_size: int, num_classes: int, *,
                             f"a {variant} (set model.variant={source.variant})")
     model = model if model is not None else models.create_model(variant, num_classes=num_classes,
                                                                    img_size=img_size, device="meta")
+    sd = dict(state_dict) if state_dict is not None else source.shapes()
     try:
-        return checkpoint.adapt_state_dict(model, dict(source.state_dict), img_size=img_size,
-                                           reset_head=reset_head, strict=strict)
+        return checkpoint.adapt_state_dict(model, sd, img_size=img_size, reset_head=reset_head, strict=strict)
     except (IncompatibleWeights, ValueError, KeyError, RuntimeError) as e:
         raise FinetuneError(f"incompatible checkpoint {source.ref} for {variant} @ {img_size}px: "
                             f"{str(e).splitlines()[0][:500]}") from None
 
 
 def stage_init(cfg, source: SourceModel):
-    """Check the source against ``cfg`` (resolved: num_classes known) and write the initial weights
-    to ``<storage>/<name>/init/`` (safetensors); returns the config with ``init.from_checkpoint`` set."""
+    """Check the source against ``cfg`` (resolved: num_classes known) on the meta device, then copy
+    its weight files to ``<storage>/<name>/init/`` (shared storage, so every worker of a cluster
+    reads them; the workers do the surgery); returns the config with ``init.from_checkpoint`` set."""
     m = cfg.model
-    sd, dropped = adapt(source, m.variant, m.img_size, m.num_classes, reset_head=cfg.init.reset_head,
-                        strict=cfg.init.strict)
-    del sd   # checked only; the workers do the same surgery from the original weights
+    _, dropped = adapt(source, m.variant, m.img_size, m.num_classes, reset_head=cfg.init.reset_head,
+                       strict=cfg.init.strict)
     url = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}/init"
-    checkpoint.save_weights(source.state_dict, url)
+    checkpoint.copy_weights(source.weights, url)
     cfg = cfg.model_copy(deep=True)
     cfg.init.from_checkpoint = url
     return cfg, dropped

@@ -94,9 +94,10 @@ class CoAtNetPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _load_from_files(weights_path: str, spec_path: str):
-    import torch
+    return _build(weights_path, ModelSpec.from_dict(json.loads(Path(spec_path).read_text())))
 
-    spec = ModelSpec.from_dict(json.loads(Path(spec_path).read_text()))
+
+def _build(weights_path: str, spec: ModelSpec):
     model = spec.build()
     sd = load_weights(weights_path)          # a safetensors folder, or an older model's weights.pt
     check_compatible(sd, model, what=f"weights for {spec.variant}")
@@ -244,7 +245,7 @@ def check_run(run_id: str):
         raise
 
 
-def _download(uri: str) -> str:
+def _download(uri: str, dst_path: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     if uri.startswith("models:/") and not uri.startswith("models:/m-"):
@@ -254,11 +255,36 @@ def _download(uri: str) -> str:
     elif "://" not in uri and not uri.startswith("models:/") and not os.path.exists(uri):
         raise RegistryError(f"no model at {uri!r} (expected models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder)")
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst_path)
     except MlflowException as e:
         raise RegistryError(f"cannot download model {uri!r}: {e.message if hasattr(e, 'message') else e}") from None
     except OSError as e:
         raise RegistryError(f"cannot download model {uri!r}: {e}") from None
+
+
+def fetch_model(uri: str, dst_path: str | None = None) -> tuple[str, ModelSpec, dict]:
+    """Download a model we logged (into ``dst_path``, default MLflow's choice) WITHOUT loading it:
+    (local weights folder or file, spec, metadata). ``uri`` and the metadata as for ``load_model``.
+    Fine-tuning stages the weights from here file by file, so a driver never holds a large model."""
+    from mlflow.models import Model
+
+    local = _download(uri, dst_path)
+    mlmodel = os.path.join(local, "MLmodel")
+    if not os.path.exists(mlmodel):
+        raise RegistryError(f"{uri!r} is not an MLflow model (no MLmodel file)")
+    flavor = Model.load(mlmodel).flavors.get("python_function", {})
+    arts = flavor.get("artifacts", {})
+    if "weights" not in arts or "spec" not in arts:
+        raise RegistryError(f"{uri!r} is not a CoAtNet model logged by pipeline.registry (no weights/spec artifacts)")
+    path = lambda a: os.path.join(local, a["path"] if isinstance(a, dict) else a)  # noqa: E731
+    spec = ModelSpec.from_dict(json.loads(Path(path(arts["spec"])).read_text()))
+    meta = {**spec.to_dict(), "spec": spec, "uri": uri}
+    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
+        mv = resolve_version(uri)
+        meta.update(name=mv.name, version=str(mv.version), run_id=mv.run_id)
+    elif uri.startswith("runs:/"):
+        meta["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
+    return path(arts["weights"]), spec, meta
 
 
 def load_model(uri: str):
@@ -268,22 +294,5 @@ def load_model(uri: str):
     local folder holding the MLmodel. Metadata: the spec dict plus ``spec`` (ModelSpec), ``uri``,
     and, for registry URIs, ``name``, ``version``, ``run_id``.
     """
-    from mlflow.models import Model
-
-    local = _download(uri)
-    mlmodel = os.path.join(local, "MLmodel")
-    if not os.path.exists(mlmodel):
-        raise RegistryError(f"{uri!r} is not an MLflow model (no MLmodel file)")
-    flavor = Model.load(mlmodel).flavors.get("python_function", {})
-    arts = flavor.get("artifacts", {})
-    if "weights" not in arts or "spec" not in arts:
-        raise RegistryError(f"{uri!r} is not a CoAtNet model logged by pipeline.registry (no weights/spec artifacts)")
-    path = lambda a: os.path.join(local, a["path"] if isinstance(a, dict) else a)  # noqa: E731
-    model, spec = _load_from_files(path(arts["weights"]), path(arts["spec"]))
-    meta = {**spec.to_dict(), "spec": spec, "uri": uri}
-    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
-        mv = resolve_version(uri)
-        meta.update(name=mv.name, version=str(mv.version), run_id=mv.run_id)
-    elif uri.startswith("runs:/"):
-        meta["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
-    return model, meta
+    weights, spec, meta = fetch_model(uri)
+    return _build(weights, spec)[0], meta

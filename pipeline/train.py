@@ -66,6 +66,11 @@ class Callback:
     def on_step(self, step: int, keys: list[str]) -> None:
         """After optimizer step ``step`` (1-based), with the keys of the samples this rank used."""
 
+    def on_save(self, step: int, folder: str) -> None:
+        """This rank's part of checkpoint ``step`` is written in the local ``folder`` and not yet
+        uploaded: files added here travel with it. The checkpoint counts only after every rank's
+        upload (a rank that dies here leaves the previous checkpoint the one resumed from)."""
+
     def on_end(self, engine, *, rank: int) -> None:
         """After the last step, before the worker exits (collective calls allowed: every rank runs it)."""
 
@@ -282,6 +287,8 @@ def train_loop_per_worker(task: TrainTask) -> None:
         if ema is not None and step == total:     # the EMA model, whole, for the driver to log
             with swapped_in(engine, ema):
                 export_weights(engine, os.path.join(folder, checkpoint.EMA_WEIGHTS_DIR), rank=rank)
+        for cb in callbacks:
+            cb.on_save(step, folder)
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_{step:08d}",
                          checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)

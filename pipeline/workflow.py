@@ -338,11 +338,13 @@ def _evaluate(plan: Plan, result: WorkflowResult, source, val: str, val_index) -
     for stage, cfg, _ in plan.finetune:
         spec = spec_for(cfg, val_index)
         model = spec.build()
-        model.load_state_dict(resolve_source(result.stages[stage].run_id, ema=plan.wf.registry.use_ema).state_dict)
+        with resolve_source(result.stages[stage].run_id, ema=plan.wf.registry.use_ema) as tuned:
+            model.load_state_dict(tuned.load())
         scores[stage] = evaluate_model(model, spec, val, batch_size=bs)
         line = f"[workflow] evaluate: {stage} {metric} {scores[stage][metric]:.4f}"
         if plan.wf.evaluate.baseline and source.num_classes == spec.num_classes:
-            sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model)
+            sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model,
+                          state_dict=source.load())
             model.load_state_dict(sd, strict=False)
             untuned = scores[f"{stage}/pretrained_untuned"] = evaluate_model(model, spec, val, batch_size=bs)
             line += f" (pretrained, resized, not fine-tuned: {untuned[metric]:.4f})"
@@ -365,7 +367,8 @@ def _register(plan: Plan, result: WorkflowResult, run_id: str, pick: str, val: s
             "coatnet.finetune_run": result.stages[pick].run_id, f"coatnet.val_{ev['metric']}": f"{score:.6f}"}
     if "pretrain" in result.stages:
         tags["coatnet.pretrain_run"] = result.stages["pretrain"].run_id
-    weights = resolve_source(result.stages[pick].run_id, ema=wf.registry.use_ema).state_dict
+    with resolve_source(result.stages[pick].run_id, ema=wf.registry.use_ema) as picked:
+        weights = picked.load()
     with mlflow.start_run(run_id=run_id):
         info, mv = log_model(weights, spec_for(cfg, val_index), registered_model_name=wf.registry.name,
                              version_tags=tags)

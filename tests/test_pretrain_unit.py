@@ -211,3 +211,69 @@ def test_weights_round_trip_sharded_safetensors(tmp_path):
                                                             else sd[k]) for k in sd)
     torch.save(sd, tmp_path / "legacy.pt")                      # the first build's files still load
     assert load_weights(str(tmp_path / "legacy.pt")).keys() == sd.keys()
+
+
+def test_finetune_source_is_checked_from_headers_and_staged_as_files(tmp_path, s3_endpoint):
+    """A fine-tuning source is never loaded whole on the driver: its shapes come from the
+    safetensors headers (meta tensors), its files are copied to the run's init/ folder (here on
+    S3, sharded) byte for byte; a source that does not fit fails before anything is copied."""
+    from pipeline import finetune
+    from pipeline.checkpoint import load_weights, save_weights, weight_files, weight_shapes
+
+    sd = models.create_model("coatnet_pico", num_classes=10, img_size=32).state_dict()
+    src_url = f"s3://{s3_endpoint['bucket']}/pre/weights"
+    save_weights(sd, src_url, max_shard_size="100KB")
+    assert len(weight_files(src_url)) > 2
+    shapes = weight_shapes(src_url)
+    assert all(v.is_meta for v in shapes.values())
+    assert {k: (v.shape, v.dtype) for k, v in shapes.items()} == \
+        {k: (v.shape, v.float().dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+
+    source = finetune.resolve_source(src_url)
+    assert source.kind == "weights" and source.scratch is None
+    runs = f"s3://{s3_endpoint['bucket']}/runs"
+    cfg = load_config("configs/demo.yaml", ["model.variant=coatnet_pico", "model.img_size=64",
+                                            "model.num_classes=5", f"storage.storage_path={runs}",
+                                            "storage.name=ft"])
+    staged, dropped = finetune.stage_init(cfg, source)
+    assert sorted(dropped) == ["head.fc.bias", "head.fc.weight"]           # 10 -> 5 classes, checked on meta
+    assert staged.init.from_checkpoint == f"{runs}/ft/init" and cfg.init.from_checkpoint is None
+    fs = s3_endpoint["fs"]
+    for a, b in zip(weight_files(src_url), weight_files(staged.init.from_checkpoint)):
+        assert a.rsplit("/", 1)[1] == b.rsplit("/", 1)[1] and fs.cat(a) == fs.cat(b)
+    back = load_weights(staged.init.from_checkpoint)
+    assert all(torch.equal(back[k], sd[k].float() if sd[k].is_floating_point() else sd[k]) for k in sd)
+
+    wrong = load_config("configs/demo.yaml", ["model.variant=coatnet_nano", "model.num_classes=10",
+                                              f"storage.storage_path={tmp_path}", "storage.name=bad"])
+    with pytest.raises(finetune.FinetuneError, match="incompatible checkpoint"):
+        finetune.stage_init(wrong, source)
+    assert not (tmp_path / "bad").exists()                                 # nothing staged
+
+
+def test_latest_checkpoint_never_picks_an_interrupted_save(tmp_path):
+    """Without Ray's snapshot (copied folders), the newest COMPLETE checkpoint is resumed from:
+    a folder where a kill left only some ranks' files is passed over until it is whole."""
+    import json
+
+    from pipeline.checkpoint import STATE_FILE, latest_checkpoint
+
+    def write(step: int, ranks: list[int], world: int = 2) -> None:
+        d = tmp_path / f"checkpoint_{step:08d}"
+        (d / "ds").mkdir(parents=True, exist_ok=True)
+        (d / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world, "format": 2}))
+        for r in ranks:
+            (d / "ds" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
+            (d / "ds" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+
+    assert latest_checkpoint(str(tmp_path)) is None
+    write(2, [0, 1])
+    write(4, [0])                                   # rank 1 died during the save of step 4
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    (tmp_path / "checkpoint_00000006").mkdir()      # a save that wrote nothing yet
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    write(4, [1])                                   # the re-done save completes it
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000004")
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000002"}}))
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")   # Ray's record first

@@ -46,9 +46,14 @@ def test_finetune_surgery_resizes_tables_and_replaces_head(tmp_path):
     assert src.kind == "weights"
     src.variant = VARIANT
 
+    # the driver's check reads no weight: meta tensors from the file, the fit decided by shapes
+    checked, dropped = adapt(src, VARIANT, 64, 10)
+    assert dropped == [] and all(v.is_meta for v in checked.values())
+
     # 64 px, same classes: every table grows and equals bilinear interpolation; the head is kept
-    sd, dropped = adapt(src, VARIANT, 64, 10)
+    sd, dropped = adapt(src, VARIANT, 64, 10, state_dict=src.load())
     assert dropped == []
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in checked.items()}
     old = _tables(pre.state_dict())
     assert old
     new_model = models.create_model(VARIANT, num_classes=10, img_size=64)
@@ -61,7 +66,7 @@ def test_finetune_surgery_resizes_tables_and_replaces_head(tmp_path):
     assert not unexpected and not [m for m in missing if m in pre.state_dict()]
 
     # another label set: the classifier is re-initialised, the body is the pretrained one
-    sd5, dropped5 = adapt(src, VARIANT, 64, 5)
+    sd5, dropped5 = adapt(src, VARIANT, 64, 5, state_dict=src.load())
     assert dropped5 and all(k.startswith("head.") for k in dropped5)
     m5 = models.create_model(VARIANT, num_classes=5, img_size=64)
     before = {k: v.clone() for k, v in m5.state_dict().items()}
@@ -284,8 +289,13 @@ def test_workflow_end_to_end_killed_and_resumed(tmp_path, mlflow_uri):
     from_folder = resolve_source(str(tmp_path / "runs" / Path(pre.data.tags["coatnet.storage"]).name))
     from_run = resolve_source(pre.info.run_id)
     assert from_folder.kind == "checkpoint" and from_folder.variant == VARIANT and from_folder.img_size == 32
-    assert from_folder.state_dict.keys() == from_run.state_dict.keys()
-    assert all(torch.equal(from_folder.state_dict[k], from_run.state_dict[k]) for k in from_run.state_dict)
+    folder_sd, run_sd = from_folder.load(), from_run.load()
+    assert folder_sd.keys() == run_sd.keys()
+    assert all(torch.equal(folder_sd[k], run_sd[k]) for k in run_sd)
+    scratch = from_folder.scratch          # the streamed consolidation's files, removed on close
+    assert scratch and os.path.isdir(scratch)
+    from_folder.close()
+    assert not os.path.exists(scratch)
     champ = resolve_source("models:/coatnet-wf@champion")
     assert champ.kind == "registry" and champ.img_size == 64 and champ.parent_run_id
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import torch
@@ -17,16 +18,22 @@ def override(*callbacks: tuple[str, dict]) -> str:
     return "train.callbacks=" + json.dumps(specs)
 
 
-class PidFile(Callback):
-    """Each rank writes its pid to ``<dir>/rank<r>.pid`` (so a test can kill one worker)."""
+class DieDuringSave(Callback):
+    """Rank ``rank`` SIGKILLs itself inside checkpoint ``step``'s save (its part written locally,
+    not uploaded; the other ranks are uploading or waiting in the report barrier), once per
+    ``marker`` file: the restarted group must not die again."""
 
-    def __init__(self, dir: str) -> None:
-        self.dir = dir
+    def __init__(self, step: int, rank: int, marker: str) -> None:
+        self.step, self.rank, self.marker, self.my_rank = step, rank, marker, None
 
     def on_start(self, *, rank: int, world_size: int) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        with open(os.path.join(self.dir, f"rank{rank}.pid"), "w") as f:
-            f.write(str(os.getpid()))
+        self.my_rank = rank
+
+    def on_save(self, step: int, folder: str) -> None:
+        if step == self.step and self.my_rank == self.rank and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(json.dumps({"step": step, "folder": folder, "pid": os.getpid()}))
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class KeysLog(Callback):
