@@ -61,8 +61,9 @@ def _measure(mode: str, ckpt: str, out: str) -> None:
     import torch  # noqa: F401 - baseline includes torch and deepspeed, as on the driver
 
     import deepspeed  # noqa: F401
+    import mlflow  # noqa: F401 - the driver of a job has it loaded
 
-    from pipeline import checkpoint
+    from pipeline import checkpoint, finetune  # noqa: F401
 
     import threading
 
