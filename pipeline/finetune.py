@@ -25,6 +25,7 @@ What happens (the training itself is the pretraining machinery, ``pipeline.launc
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -45,6 +46,28 @@ class FinetuneError(PipelineError):
 
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+SCRATCH_PREFIX = "coatnet-source-"     # <tmp>/coatnet-source-<pid>-*: one per resolved source
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:            # another user's process: alive
+        pass
+    return True
+
+
+def new_scratch() -> str:
+    """A temporary folder for a source's downloaded or consolidated files, named by this process's
+    pid. Folders whose process is gone (a driver killed before it could remove them) are removed
+    first, so a killed run leaves nothing behind once the next one starts."""
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), SCRATCH_PREFIX + "*-*")):
+        pid = d.rsplit(SCRATCH_PREFIX, 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
 
 
 @dataclass
@@ -119,7 +142,7 @@ def resolve_source(ref: str, *, tracking_uri: str | None = None, ema: bool = Tru
 def _from_mlflow_model(kind: str, uri: str) -> SourceModel:
     from pipeline.registry import fetch_model
 
-    scratch = tempfile.mkdtemp(prefix="ft-src-")
+    scratch = new_scratch()
     try:
         weights, spec, meta = fetch_model(uri, dst_path=scratch)
     except BaseException:
@@ -147,7 +170,7 @@ def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
     img = int(tags["coatnet.img_size"]) if tags.get("coatnet.img_size") else None
     ncls = int(tags["coatnet.num_classes"]) if tags.get("coatnet.num_classes") else None
     ck = tags.get("coatnet.checkpoint")
-    scratch = tempfile.mkdtemp(prefix="ft-src-")
+    scratch = new_scratch()
     try:
         names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
         which = checkpoint.EMA_WEIGHTS_DIR if ema and checkpoint.EMA_WEIGHTS_DIR in names else checkpoint.WEIGHTS_DIR
@@ -209,7 +232,7 @@ def _from_path(ref: str) -> SourceModel:
                                 f"and ds/, checkpoint_* folders, safetensors weights or an MLflow model)")
         ck_dir = cks[-1]
     # one checkpoint folder: ZeRO-3 shards streamed into fp32 safetensors, on this process
-    scratch = tempfile.mkdtemp(prefix="ft-ck-")
+    scratch = new_scratch()
     try:
         if proto:
             local = os.path.join(scratch, "checkpoint")
