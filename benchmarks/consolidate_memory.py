@@ -63,7 +63,7 @@ def _measure(mode: str, ckpt: str, out: str) -> None:
     import deepspeed  # noqa: F401
     import mlflow  # noqa: F401 - the driver of a job has it loaded
 
-    from pipeline import checkpoint, finetune  # noqa: F401
+    from pipeline import checkpoint, finetune  # finetune imported in the baseline, as on the driver
 
     import threading
 
@@ -97,7 +97,6 @@ def _measure(mode: str, ckpt: str, out: str) -> None:
         checkpoint.save_weights(sd, out)
         n = len(checkpoint.weight_files(out))
     else:                              # today: files and headers only
-        from pipeline import finetune
         from pipeline.config import load_config
 
         variant = checkpoint.read_state(ckpt).config["model"]["variant"]

@@ -32,6 +32,8 @@ import re
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +70,18 @@ def new_scratch() -> str:
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
+@contextmanager
+def _source_scratch() -> Iterator[str]:
+    """``new_scratch()`` for a SourceModel under construction: removed if building it fails,
+    owned by the SourceModel (``scratch=``) once it is returned."""
+    scratch = new_scratch()
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 @dataclass
@@ -142,12 +156,8 @@ def resolve_source(ref: str, *, tracking_uri: str | None = None, ema: bool = Tru
 def _from_mlflow_model(kind: str, uri: str) -> SourceModel:
     from pipeline.registry import fetch_model
 
-    scratch = new_scratch()
-    try:
+    with _source_scratch() as scratch:
         weights, spec, meta = fetch_model(uri, dst_path=scratch)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
     version = f"{meta['name']}/{meta['version']}" if meta.get("version") else None
     return SourceModel(kind, uri, weights, spec.variant, int(spec.img_size[0]), int(spec.num_classes),
                        list(spec.class_names), meta.get("run_id"), version, scratch=scratch)
@@ -170,17 +180,12 @@ def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
     img = int(tags["coatnet.img_size"]) if tags.get("coatnet.img_size") else None
     ncls = int(tags["coatnet.num_classes"]) if tags.get("coatnet.num_classes") else None
     ck = tags.get("coatnet.checkpoint")
-    scratch = new_scratch()
-    try:
-        names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
-        which = checkpoint.EMA_WEIGHTS_DIR if ema and checkpoint.EMA_WEIGHTS_DIR in names else checkpoint.WEIGHTS_DIR
-        if which in names:
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    which = checkpoint.EMA_WEIGHTS_DIR if ema and checkpoint.EMA_WEIGHTS_DIR in names else checkpoint.WEIGHTS_DIR
+    if which in names:
+        with _source_scratch() as scratch:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=which, dst_path=scratch)
-            return SourceModel("run", run_id, path, variant, img, ncls, None, run_id, None, ck, scratch=scratch)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    shutil.rmtree(scratch, ignore_errors=True)
+        return SourceModel("run", run_id, path, variant, img, ncls, None, run_id, None, ck, scratch=scratch)
     if not ck:   # no weights artifact: the run's checkpoint
         raise FinetuneError(f"MLflow run {run_id} has no weights/ artifact and no "
                             f"coatnet.checkpoint tag (status {run.info.status}: did it finish?)")
@@ -232,8 +237,7 @@ def _from_path(ref: str) -> SourceModel:
                                 f"and ds/, checkpoint_* folders, safetensors weights or an MLflow model)")
         ck_dir = cks[-1]
     # one checkpoint folder: ZeRO-3 shards streamed into fp32 safetensors, on this process
-    scratch = new_scratch()
-    try:
+    with _source_scratch() as scratch:
         if proto:
             local = os.path.join(scratch, "checkpoint")
             fs.get(ck_dir.rstrip("/") + "/", local, recursive=True)
@@ -251,9 +255,6 @@ def _from_path(ref: str) -> SourceModel:
                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
         if proto:
             shutil.rmtree(local, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
     m = state.config.get("model", {})
     return SourceModel("checkpoint", ref, weights, m.get("variant"), m.get("img_size"), m.get("num_classes"),
                        None, state.mlflow_run_id, None, full(ck_dir), scratch=scratch)

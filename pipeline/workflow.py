@@ -335,6 +335,7 @@ def _evaluate(plan: Plan, result: WorkflowResult, source, val: str, val_index) -
     bs = plan.wf.evaluate.batch_size
     metric = PRIMARY[val_index.label_type]
     scores: dict[str, dict] = {}
+    pretrained = None                  # the source's weights, read once for every baseline
     for stage, cfg, _ in plan.finetune:
         spec = spec_for(cfg, val_index)
         model = spec.build()
@@ -343,8 +344,9 @@ def _evaluate(plan: Plan, result: WorkflowResult, source, val: str, val_index) -
         scores[stage] = evaluate_model(model, spec, val, batch_size=bs)
         line = f"[workflow] evaluate: {stage} {metric} {scores[stage][metric]:.4f}"
         if plan.wf.evaluate.baseline and source.num_classes == spec.num_classes:
+            pretrained = pretrained if pretrained is not None else source.load()
             sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model,
-                          state_dict=source.load())
+                          state_dict=pretrained)
             model.load_state_dict(sd, strict=False)
             untuned = scores[f"{stage}/pretrained_untuned"] = evaluate_model(model, spec, val, batch_size=bs)
             line += f" (pretrained, resized, not fine-tuned: {untuned[metric]:.4f})"
