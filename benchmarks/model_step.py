@@ -184,7 +184,7 @@ def main() -> None:
             print(f"| {kind} | {name} | {median:.3f} | {args.batch / median:.1f} | {median / base:.2f} | "
                   f"{flops / median / peak:.1%} |")
     if len(saved) > 1:
-        print(f"saved activations, train step, MB: " + ", ".join(f"{n} {b / 2**20:.0f}" for n, b in saved.items()))
+        print("saved activations, train step, MB: " + ", ".join(f"{n} {b / 2**20:.0f}" for n, b in saved.items()))
     else:
         print(f"saved activations, train step, MB: ours {saved['ours'] / 2**20:.0f}")
     for kind in ("train", "eval"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, Literal
 

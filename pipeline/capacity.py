@@ -30,7 +30,7 @@ import functools
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 

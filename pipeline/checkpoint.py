@@ -1,5 +1,6 @@
-"""Everything about weights: the training checkpoint (save, resume), consolidation of ZeRO-3 shards
-to fp32, the fp32 state-dict form, and the one compatibility check of weights against a network.
+"""The training checkpoint: what every rank saves, how a run resumes from it (at the same or
+another world size), and which checkpoint of a run is the one to resume from. Weights as files
+(consolidation, safetensors) are ``pipeline.weights``.
 
 Layout of one checkpoint folder (a Ray Train checkpoint under ``<storage_path>/<name>/``)::
 
@@ -9,12 +10,6 @@ Layout of one checkpoint folder (a Ray Train checkpoint under ``<storage_path>/<
       bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt    (one per rank: fp32 master + Adam moments)
     ema/rank_{r}.pt                (only with train.ema_decay: the rank's fp32 EMA partition)
     weights_ema/                   (final checkpoint, with train.ema_decay: the whole EMA model, safetensors)
-
-``consolidate_to(dir, out)`` streams the shards into fp32 safetensors files (``model.safetensors``, or
-``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` above ``max_shard_size``)
-through DeepSpeed's converter: one output shard in memory at a time, never the whole model.
-``load_weights`` reads such a folder (or a single .safetensors / legacy .pt file) into a state dict
-for ``models.create_model``; ``consolidate(dir)`` returns the whole fp32 state dict (small models).
 """
 from __future__ import annotations
 
@@ -23,7 +18,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -31,15 +26,6 @@ from pipeline.errors import PipelineError
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
-WEIGHTS_DIR = "weights"                 # a folder of safetensors files (see load_weights)
-EMA_WEIGHTS_DIR = "weights_ema"         # the same for the EMA model (train.ema_decay)
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-class IncompatibleWeights(PipelineError, ValueError):
-    """Weights that do not fit a network (another variant, resolution or label set)."""
-
 
 # --------------------------------------------------------------------------------------------
 # The train state saved with every checkpoint
@@ -163,33 +149,21 @@ def uploader(storage_path: str, run_name: str, *, timeout_s: float, say=print):
     while storage is unreachable, for up to ``timeout_s``; only a longer outage fails the step."""
     import pyarrow.fs as pafs
 
-    from pipeline.data.storage import RetryPolicy, call_with_retry
+    from pipeline.cluster import storage_filesystem
+    from pipeline.retry import RetryPolicy, call_with_retry
 
     def upload(ckpt, dir_name: str):
         from ray.train import Checkpoint
 
-        from pipeline.launch import storage_filesystem
-
         fs, root = storage_filesystem(storage_path)
-        if fs is None:
-            fs, root = pafs.FileSystem.from_uri(storage_path if "://" in storage_path
-                                                else os.path.abspath(storage_path))
         dest = f"{root.rstrip('/')}/{run_name}/{dir_name}"
-        failed = []
 
         def copy():
             fs.create_dir(dest, recursive=True)
             pafs.copy_files(ckpt.path, dest, source_filesystem=ckpt.filesystem, destination_filesystem=fs)
-
-        def first_failure(e: BaseException) -> None:
-            if not failed:
-                say(f"checkpoint {dir_name}: storage unreachable ({type(e).__name__}); retrying for up "
-                    f"to {timeout_s:.0f} s")
-            failed.append(e)
         call_with_retry(copy, RetryPolicy(timeout_s=timeout_s, initial_delay_s=1.0, max_delay_s=30.0),
-                        on_retry=first_failure, retry_on=lambda e: True)
-        if failed:
-            say(f"checkpoint {dir_name} uploaded after storage came back")
+                        retry_on=lambda e: True, announce=say, service="storage",
+                        doing=f"uploading {dir_name}")
         return Checkpoint(path=dest, filesystem=fs)
     return upload
 
@@ -217,201 +191,6 @@ def load(engine, directory: str, *, rank: int, universal: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
-# fp32 weights
-# --------------------------------------------------------------------------------------------
-
-def to_fp32(model_or_state_dict) -> dict[str, torch.Tensor]:
-    """The fp32, contiguous, CPU form of a module's or a state dict's tensors (integers kept)."""
-    sd = model_or_state_dict if isinstance(model_or_state_dict, dict) else model_or_state_dict.state_dict()
-    return {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).contiguous()
-            for k, v in sd.items()}
-
-
-def consolidate(directory: str) -> dict[str, torch.Tensor]:
-    """fp32 state dict of the whole model from a ZeRO checkpoint folder (no process group)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return to_fp32(get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG))
-
-
-def consolidate_to(directory: str, out_dir: str, *, max_shard_size: str = "512MB") -> str:
-    """Stream the ZeRO-3 checkpoint in ``directory`` into fp32 safetensors files in ``out_dir``
-    (local) with DeepSpeed's converter: shard files are memory-mapped and one output shard at a
-    time is materialised. Returns ``out_dir``."""
-    import contextlib
-    import io
-
-    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        convert_zero_checkpoint_to_fp32_state_dict(directory, out_dir, max_shard_size=max_shard_size,
-                                                   safe_serialization=True, tag=DS_TAG)
-    return out_dir
-
-
-def save_weights(state_dict: dict[str, torch.Tensor], url: str, *, max_shard_size: str = "512MB") -> str:
-    """Write an fp32 state dict as safetensors into the folder ``url`` (local path or fsspec URL):
-    ``model.safetensors``, or shards + ``model.safetensors.index.json`` above ``max_shard_size``
-    (the layout ``consolidate_to`` writes and ``load_weights`` reads)."""
-    import fsspec
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save
-
-    sd = to_fp32(state_dict)
-    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path, exist_ok=True)
-    for filename, names in split.filename_to_tensors.items():
-        with fs.open(f"{path.rstrip('/')}/{filename}", "wb") as f:
-            f.write(save({k: sd[k] for k in names}, metadata={"format": "pt"}))
-    if split.is_sharded:
-        with fs.open(f"{path.rstrip('/')}/{SAFETENSORS_INDEX}", "w") as f:
-            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f)
-    return url
-
-
-def weight_files(url: str) -> list[str]:
-    """The files holding the weights at ``url``: a .safetensors or legacy .pt file, or a folder with
-    model.safetensors or a safetensors index and its shards."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    proto = url.split("://", 1)[0] + "://" if "://" in url else ""
-    if fs.isfile(path):
-        return [url]
-    base = path.rstrip("/")
-    if fs.exists(f"{base}/{SAFETENSORS_INDEX}"):
-        with fs.open(f"{base}/{SAFETENSORS_INDEX}", "r") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [f"{proto}{base}/{name}" for name in shards]
-    if fs.exists(f"{base}/{SAFETENSORS_FILE}"):
-        return [f"{proto}{base}/{SAFETENSORS_FILE}"]
-    raise FileNotFoundError(f"no weights at {url} (expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or a .pt file)")
-
-
-def load_weights(url: str) -> dict[str, torch.Tensor]:
-    """An fp32 state dict from ``weight_files(url)``; safetensors (or ``torch.load(weights_only=True)``
-    for a legacy .pt file): no code is ever unpickled."""
-    import fsspec
-    from safetensors.torch import load
-
-    out: dict[str, torch.Tensor] = {}
-    for file in weight_files(url):
-        with fsspec.open(file, "rb") as f:
-            out.update(load(f.read()) if file.endswith(".safetensors")
-                       else torch.load(f, map_location="cpu", weights_only=True))
-    return out
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def weight_shapes(url: str) -> dict[str, torch.Tensor]:
-    """Meta tensors (names, shapes, dtypes, no data) of the weights at ``url``, read from the
-    safetensors headers alone: 8 bytes plus the JSON header of each file, so a driver can check
-    a 10 GB model against a network without reading it. A legacy .pt file is read whole."""
-    import fsspec
-
-    out: dict[str, torch.Tensor] = {}
-    for file in weight_files(url):
-        with fsspec.open(file, "rb") as f:
-            if not file.endswith(".safetensors"):
-                out.update(torch.load(f, map_location="meta", weights_only=True))
-                continue
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                out[name] = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]], device="meta")
-    return out
-
-
-def copy_weights(src: str, dest: str, *, chunk_bytes: int = 64 << 20) -> str:
-    """Copy the weights at ``src`` into the folder ``dest`` (local paths or fsspec URLs, any pair),
-    file by file in ``chunk_bytes`` pieces: the model is never in memory whole. A legacy .pt file
-    becomes ``model.safetensors`` (that one is loaded whole). Returns ``dest``."""
-    import fsspec
-
-    files = weight_files(src)
-    if len(files) == 1 and not files[0].endswith(".safetensors"):
-        return save_weights(load_weights(files[0]), dest)
-    fs, path = fsspec.core.url_to_fs(dest)
-    fs.makedirs(path, exist_ok=True)
-    sharded = len(files) > 1          # from an index (one file is always model.safetensors)
-    names = [f.rsplit("/", 1)[-1] for f in files] if sharded else [SAFETENSORS_FILE]
-    if sharded:
-        index = f"{src.rstrip('/')}/{SAFETENSORS_INDEX}"
-        files, names = [index, *files], [SAFETENSORS_INDEX, *names]
-    for file, name in zip(files, names):
-        with fsspec.open(file, "rb") as r, fs.open(f"{path.rstrip('/')}/{name}", "wb") as w:
-            while chunk := r.read(chunk_bytes):
-                w.write(chunk)
-    return dest
-
-
-# --------------------------------------------------------------------------------------------
-# Weights against a network
-# --------------------------------------------------------------------------------------------
-
-def check_compatible(state_dict: dict, model: torch.nn.Module, *, what: str = "checkpoint",
-                     ignore: Sequence[str] = ()) -> None:
-    """IncompatibleWeights naming the first mismatches when ``state_dict`` does not fit ``model``
-    (a meta-device model will do: only names and shapes are read). ``ignore``: keys, or key
-    prefixes, allowed to differ or be missing (the head when it is replaced)."""
-    own = model.state_dict()
-    skip = lambda k: any(k == p or k.startswith(p if p.endswith(".") else p + ".") for p in ignore)  # noqa: E731
-    missing = [k for k in own if k not in state_dict and not skip(k)]
-    unexpected = [k for k in state_dict if k not in own and not skip(k)]
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state_dict and not skip(k) and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {'; '.join(shapes[:3])})")
-        raise IncompatibleWeights(f"incompatible {what}: {' / '.join(parts)} - is it another variant "
-                                  f"or resolution than {getattr(model, 'img_size', '')} {type(model).__name__}?")
-
-
-def head_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys of the final classifier: the last Linear whose out_features is num_classes."""
-    name = None
-    for n, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and m.out_features == getattr(model, "num_classes", -1):
-            name = n
-    if name is None:
-        return set()
-    return {k for k in model.state_dict() if k.startswith(name + ".")}
-
-
-def adapt_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], *, img_size,
-                     reset_head: bool = False, strict: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Fine-tuning surgery: resize relative-position tables to ``img_size`` (``models.resize_state_dict``),
-    drop the head when its shape no longer fits (another label set) or with ``reset_head``; with
-    ``strict`` every other tensor must fit (``check_compatible``). Returns (state dict, dropped keys)."""
-    import models
-
-    sd = models.resize_state_dict(sd, img_size)
-    own = model.state_dict()
-    head = head_keys(model)
-    dropped = [k for k, v in sd.items()
-               if k in head and k in own and (own[k].shape != v.shape or reset_head)]
-    out = {k: v for k, v in sd.items() if k not in dropped}
-    if strict:
-        check_compatible(out, model, what="init checkpoint (does not fit the model)", ignore=sorted(head))
-    else:
-        dropped += [k for k, v in out.items() if k in own and own[k].shape != v.shape]
-        out = {k: v for k, v in out.items() if k not in dropped}
-    return out, dropped
-
-
-# --------------------------------------------------------------------------------------------
 # Finding checkpoints of a run
 # --------------------------------------------------------------------------------------------
 
@@ -423,7 +202,6 @@ def latest_checkpoint(run_dir: str) -> str | None:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(run_dir)
-    proto = run_dir.split("://", 1)[0] + "://" if "://" in run_dir else ""
     try:
         with fs.open(f"{path.rstrip('/')}/checkpoint_manager_snapshot.json", "rb") as f:
             latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
@@ -433,10 +211,10 @@ def latest_checkpoint(run_dir: str) -> str | None:
     except (OSError, ValueError):
         pass   # no snapshot (new run, or copied folders): look at the folders
     try:
-        cks = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*") if is_complete(fs, p))
+        complete = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*") if is_complete(fs, p))
     except OSError:
         return None
-    return (proto + cks[-1] if proto and not cks[-1].startswith(proto) else cks[-1]) if cks else None
+    return f"{run_dir.rstrip('/')}/{complete[-1].rstrip('/').rsplit('/', 1)[-1]}" if complete else None
 
 
 def is_complete(fs, path: str) -> bool:

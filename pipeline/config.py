@@ -6,12 +6,11 @@ overrides (``train.lr=1e-3``), validated before any worker starts.
 
 ``ConfigError`` carries a readable message naming the offending field(s); jobs print it and exit 2.
 ``resolved_dict(cfg)`` is the JSON-able resolved config (what goes into checkpoints and MLflow);
-``flat_params(cfg)`` flattens it for MLflow params with credential-like values scrubbed.
+``flat_params(cfg)`` flattens it for MLflow params (both redacted: ``pipeline.redact``).
 """
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.data.transforms import AugmentConfig
 from pipeline.errors import PipelineError
+from pipeline.redact import redact_values
 
 
 class ConfigError(PipelineError, ValueError):
@@ -282,37 +282,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # Resolved forms
 # ---------------------------------------------------------------------------------------------
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|auth)", re.I)
-_URL_CREDS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
-# query parameters that carry a credential: pre-signed S3 / GCS URLs, Azure SAS, bearer tokens
-_QUERY_CREDS = re.compile(
-    r"(?P<name>[?&;](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|"
-    r"X-Goog-Credential|Signature|AWSAccessKeyId|x-amz-security-token|sig|token|access_token|"
-    r"api_key|apikey|key|password|secret)=)[^&#\s'\"]*", re.I)
-
-
-def scrub_text(text: str) -> str:
-    """``text`` with URL user info and credential-bearing query values replaced by '***'."""
-    text = _URL_CREDS.sub(r"\g<scheme>***@", text)
-    return _QUERY_CREDS.sub(r"\g<name>***", text)
-
-
-def scrub(value: Any, key: str = "") -> Any:
-    """Credential-like keys become '***'; credentials inside URLs (user info, pre-signed query
-    parameters) are replaced. Applied to everything logged, printed or checkpointed."""
-    if _SECRET_KEY.search(key):
-        return "***"
-    if isinstance(value, dict):
-        return {k: scrub(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v, key) for v in value]
-    if isinstance(value, str):
-        return scrub_text(value)
-    return value
-
-
 def resolved_dict(cfg: Config) -> dict[str, Any]:
-    return scrub(cfg.model_dump(mode="json"))
+    return redact_values(cfg.model_dump(mode="json"))
 
 
 def flat_params(cfg: Config) -> dict[str, str]:

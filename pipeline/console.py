@@ -32,9 +32,9 @@ class Console:
         self._lock = threading.Lock()
 
     def say(self, line: str, *, error: bool = False) -> None:
-        from pipeline.config import scrub_text
+        from pipeline.redact import redact
 
-        line = scrub_text(line)
+        line = redact(line)
         with self._lock:
             (self.err if error else self.out).write(line + "\n")
             (self.err if error else self.out).flush()
@@ -47,9 +47,9 @@ def say(line: str, *, error: bool = False) -> None:
     if _active is not None:
         _active.say(line, error=error)
     else:
-        from pipeline.config import scrub_text
+        from pipeline.redact import redact
 
-        print(scrub_text(line), file=sys.stderr if error else sys.stdout, flush=True)
+        print(redact(line), file=sys.stderr if error else sys.stdout, flush=True)
 
 
 def default_log_path(job: str) -> str:

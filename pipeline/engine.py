@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -76,7 +75,7 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     import deepspeed
 
     import models
-    from pipeline import checkpoint
+    from pipeline.weights import adapt_state_dict, load_weights
 
     m = cfg.model
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=m.zero_init):
@@ -84,13 +83,12 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
                                     drop_path_rate=m.drop_path_rate, attn_backend=m.attn_backend,
                                     grad_checkpointing=m.grad_checkpointing)
     if cfg.init.from_checkpoint:
-        sd = checkpoint.load_weights(cfg.init.from_checkpoint)
+        sd = load_weights(cfg.init.from_checkpoint)
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0,
                                                enabled=m.zero_init):
             if not m.zero_init or dist.get_rank() == 0:
-                sd, dropped = checkpoint.adapt_state_dict(model, sd, img_size=m.img_size,
-                                                          reset_head=cfg.init.reset_head,
-                                                          strict=cfg.init.strict)
+                sd, dropped = adapt_state_dict(model, sd, img_size=m.img_size,
+                                                reset_head=cfg.init.reset_head, strict=cfg.init.strict)
                 model.load_state_dict(sd, strict=False)
                 if dropped:
                     print(f"init: re-initialised {len(dropped)} tensors (new head/shape): {dropped[:4]}")
@@ -183,52 +181,33 @@ def swapped_in(engine, partitions_: list[torch.Tensor]) -> Iterator[None]:
         load(saved)
 
 
-def export_weights(engine, out_dir: str, *, rank: int, max_shard_bytes: int = 512 * 2 ** 20) -> None:
-    """The module's full weights as fp32 safetensors in ``out_dir`` (written by rank 0), gathering
-    one parameter at a time: never the whole model in memory at once. Every rank calls it."""
+def gathered_weights(engine, *, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The module's full tensors, one at a time: each parameter gathered from its ZeRO-3 partitions
+    (every rank must iterate: the gather is collective), then the buffers a state dict holds. Rank 0
+    gets (name, fp32 CPU tensor) pairs; the other ranks get nothing but take part in the gathers."""
     import deepspeed
-    from safetensors.torch import save_file
 
-    from pipeline.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-
-    def add(name: str, t: torch.Tensor) -> None:
-        nonlocal size
-        if size and size + t.numel() * t.element_size() > max_shard_bytes:
-            flush()
-        shards[-1][name] = t
-        size += t.numel() * t.element_size()
-
-    written: dict[str, str] = {}
-
-    def flush() -> None:
-        nonlocal size
-        if rank == 0 and shards[-1]:
-            name = f"model-{len(written) + 1:05d}.safetensors"
-            save_file(shards[-1], os.path.join(out_dir, name), metadata={"format": "pt"})
-            written.update({k: name for k in shards[-1]})
-        shards.append({})
-        size = 0
-
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
-            if rank == 0:
-                add(name, p.detach().to("cpu", torch.float32).clone())
-    if rank == 0:                          # buffers are not partitioned; only those a state dict holds
+            tensor = p.detach().to("cpu", torch.float32).clone() if rank == 0 else None
+        if tensor is not None:
+            yield name, tensor
+    if rank == 0:                          # buffers are not partitioned
         for prefix, module in engine.module.named_modules():
             for bname, b in module._buffers.items():
                 if b is not None and bname not in module._non_persistent_buffers_set:
-                    add(f"{prefix}.{bname}" if prefix else bname,
-                        b.detach().to("cpu", torch.float32 if b.is_floating_point() else b.dtype).clone())
-    flush()
+                    yield f"{prefix}.{bname}" if prefix else bname, b.detach().cpu()
+
+
+def export_weights(engine, out_dir: str, *, rank: int) -> None:
+    """The module's full weights as fp32 safetensors in ``out_dir`` (``pipeline.weights`` layout,
+    written by rank 0), one parameter gathered at a time: never the whole model in memory at once.
+    Every rank calls it."""
+    from pipeline.weights import write_weights
+
+    tensors = gathered_weights(engine, rank=rank)
     if rank == 0:
-        files = sorted(set(written.values()))
-        if len(files) == 1:
-            os.replace(os.path.join(out_dir, files[0]), os.path.join(out_dir, SAFETENSORS_FILE))
-        else:
-            with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
-                json.dump({"metadata": {}, "weight_map": written}, f)
+        write_weights(out_dir, tensors)
+    else:
+        for _ in tensors:
+            pass

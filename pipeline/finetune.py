@@ -8,7 +8,7 @@ What happens (the training itself is the pretraining machinery, ``pipeline.launc
 ``stage="finetune"``):
 
 1. ``resolve_source``: the reference becomes fp32 safetensors files plus what they are (variant,
-   resolution, classes). ZeRO-3 checkpoints are streamed into files (``checkpoint.consolidate_to``,
+   resolution, classes). ZeRO-3 checkpoints are streamed into files (``weights.consolidate_to``,
    one output shard in memory at a time); MLflow runs give their ``weights/`` artifact; registered
    models their files (``registry.fetch_model``). Nothing is loaded whole on the driver.
 2. ``stage_init``: checked against the fine-tuning config on the driver BEFORE any worker starts,
@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline import checkpoint
-from pipeline.checkpoint import IncompatibleWeights
 from pipeline.errors import PipelineError
+from pipeline.weights import (EMA_WEIGHTS_DIR, WEIGHTS_DIR, IncompatibleWeights, adapt_state_dict,
+                              consolidate_to, copy_weights, load_weights, weight_files, weight_shapes)
 
 
 class FinetuneError(PipelineError):
@@ -84,7 +85,7 @@ def _source_scratch() -> Iterator[str]:
         raise
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SourceModel:
     """A pretrained model resolved from a reference: where its fp32 weights are (safetensors files,
     read lazily) plus what they are. The driver checks them by ``shapes()`` (the files' headers)
@@ -94,10 +95,10 @@ class SourceModel:
 
     kind: str                          # run | registry | checkpoint | weights | mlflow-model
     ref: str                           # as the user gave it
-    weights: str                       # a weights folder or file (checkpoint.weight_files), local or URL
-    variant: str | None
-    img_size: int | None
-    num_classes: int | None
+    weights: str                       # a weights folder or file (pipeline.weights.weight_files), local or URL
+    variant: str | None = None         # None: unknown (a bare weights file); checked by shapes alone
+    img_size: int | None = None
+    num_classes: int | None = None
     class_names: list[str] | None = None
     parent_run_id: str | None = None   # the MLflow run that produced the weights
     model_version: str | None = None   # name/version for registry sources
@@ -111,7 +112,7 @@ class SourceModel:
     def shapes(self) -> dict[str, torch.Tensor]:
         """Meta tensors of every weight (names, shapes, dtypes) from the safetensors headers."""
         try:
-            return checkpoint.weight_shapes(self.weights)
+            return weight_shapes(self.weights)
         except Exception as e:  # noqa: BLE001 - truncated header, unpickling refused...
             raise FinetuneError(f"{self.ref}: unreadable weights at {self.weights}: {type(e).__name__}: {e}") from None
 
@@ -139,7 +140,7 @@ def resolve_source(ref: str, *, tracking_uri: str | None = None, ema: bool = Tru
     folder/URL (a Ray run folder, one checkpoint folder, a weights folder or file, an MLflow
     model) or a ``.pt`` file -> SourceModel. FinetuneError (or RegistryError for a bad model URI)
     with a one-line reason otherwise. Nothing is loaded whole: a ZeRO-3 checkpoint is streamed
-    into safetensors files (``checkpoint.consolidate_to``), artifacts are downloaded as files."""
+    into safetensors files (``weights.consolidate_to``), artifacts are downloaded as files."""
     import mlflow
 
     if tracking_uri:
@@ -157,10 +158,12 @@ def _from_mlflow_model(kind: str, uri: str) -> SourceModel:
     from pipeline.registry import fetch_model
 
     with _source_scratch() as scratch:
-        weights, spec, meta = fetch_model(uri, dst_path=scratch)
-    version = f"{meta['name']}/{meta['version']}" if meta.get("version") else None
-    return SourceModel(kind, uri, weights, spec.variant, int(spec.img_size[0]), int(spec.num_classes),
-                       list(spec.class_names), meta.get("run_id"), version, scratch=scratch)
+        files, spec, meta = fetch_model(uri, dst_path=scratch)
+    return SourceModel(kind=kind, ref=uri, weights=files, variant=spec.variant, img_size=int(spec.img_size[0]),
+                       num_classes=int(spec.num_classes), class_names=list(spec.class_names),
+                       parent_run_id=meta.get("run_id"),
+                       model_version=f"{meta['name']}/{meta['version']}" if meta.get("version") else None,
+                       scratch=scratch)
 
 
 def _from_registry(uri: str) -> SourceModel:
@@ -176,37 +179,35 @@ def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
 
     run = check_run(run_id)
     tags = run.data.tags
-    variant = tags.get("coatnet.variant")
-    img = int(tags["coatnet.img_size"]) if tags.get("coatnet.img_size") else None
-    ncls = int(tags["coatnet.num_classes"]) if tags.get("coatnet.num_classes") else None
+    known = dict(variant=tags.get("coatnet.variant"),
+                 img_size=int(tags["coatnet.img_size"]) if tags.get("coatnet.img_size") else None,
+                 num_classes=int(tags["coatnet.num_classes"]) if tags.get("coatnet.num_classes") else None)
     ck = tags.get("coatnet.checkpoint")
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
-    which = checkpoint.EMA_WEIGHTS_DIR if ema and checkpoint.EMA_WEIGHTS_DIR in names else checkpoint.WEIGHTS_DIR
+    which = EMA_WEIGHTS_DIR if ema and EMA_WEIGHTS_DIR in names else WEIGHTS_DIR
     if which in names:
         with _source_scratch() as scratch:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=which, dst_path=scratch)
-        return SourceModel("run", run_id, path, variant, img, ncls, None, run_id, None, ck, scratch=scratch)
+        return SourceModel(kind="run", ref=run_id, weights=path, **known, parent_run_id=run_id,
+                           checkpoint=ck, scratch=scratch)
     if not ck:   # no weights artifact: the run's checkpoint
         raise FinetuneError(f"MLflow run {run_id} has no weights/ artifact and no "
                             f"coatnet.checkpoint tag (status {run.info.status}: did it finish?)")
     src = _from_path(ck)          # keeps its scratch folder; it only becomes this run's source
     src.kind, src.ref, src.parent_run_id, src.checkpoint = "run", run_id, run_id, ck
-    src.variant, src.img_size, src.num_classes = variant or src.variant, img or src.img_size, ncls or src.num_classes
+    for name, value in known.items():
+        setattr(src, name, value or getattr(src, name))
     return src
 
 
 def _load_weights(path: str) -> dict[str, torch.Tensor]:
     try:
-        sd = checkpoint.load_weights(path)
+        sd = load_weights(path)
     except Exception as e:  # noqa: BLE001 - unpickling refused, truncated file...
         raise FinetuneError(f"{path} is not a plain fp32 state dict: {type(e).__name__}: {e}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise FinetuneError(f"{path} is not a state dict of tensors")
     return sd
-
-
-def _checkpoint_dirs(fs, path: str) -> list[str]:
-    return sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*") if fs.isdir(p))
 
 
 def _from_path(ref: str) -> SourceModel:
@@ -215,49 +216,48 @@ def _from_path(ref: str) -> SourceModel:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(ref)
-    proto = ref.split("://", 1)[0] + "://" if "://" in ref else ""
-    full = lambda p: proto + p if proto and not p.startswith(proto) else p  # noqa: E731
+    as_ref = (lambda p: fs.unstrip_protocol(p)) if "://" in ref else (lambda p: p)  # same form as ref
     if not fs.exists(path):
         raise FinetuneError(f"source {ref!r}: no such run id, model URI, folder or file")
     if fs.isfile(path):
-        return SourceModel("weights", ref, ref, None, None, None)
+        return SourceModel(kind="weights", ref=ref, weights=ref)
     if fs.exists(f"{path}/MLmodel"):
         return _from_mlflow_model("mlflow-model", ref)
     ck_dir = path
     if not fs.exists(f"{path}/{checkpoint.STATE_FILE}"):
-        cks = _checkpoint_dirs(fs, path)
-        if not cks:
-            for weights in (path, f"{path}/{checkpoint.WEIGHTS_DIR}"):
+        found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*") if fs.isdir(p))
+        if not found:
+            for folder in (path, f"{path}/{WEIGHTS_DIR}"):
                 try:
-                    checkpoint.weight_files(full(weights))
+                    weight_files(as_ref(folder))
                 except FileNotFoundError:
                     continue
-                return SourceModel("weights", ref, full(weights), None, None, None)
+                return SourceModel(kind="weights", ref=ref, weights=as_ref(folder))
             raise FinetuneError(f"source {ref!r}: no checkpoint in this folder (expected {checkpoint.STATE_FILE} "
                                 f"and ds/, checkpoint_* folders, safetensors weights or an MLflow model)")
-        ck_dir = cks[-1]
+        ck_dir = found[-1]
     # one checkpoint folder: ZeRO-3 shards streamed into fp32 safetensors, on this process
     with _source_scratch() as scratch:
-        if proto:
+        local = ck_dir
+        if "://" in ref:
             local = os.path.join(scratch, "checkpoint")
             fs.get(ck_dir.rstrip("/") + "/", local, recursive=True)
-        else:
-            local = ck_dir
         try:
             state = checkpoint.read_state(local)
         except (OSError, json.JSONDecodeError) as e:
             raise FinetuneError(f"source {ref!r}: unreadable {checkpoint.STATE_FILE}: {e}") from None
-        weights = os.path.join(scratch, checkpoint.WEIGHTS_DIR)
+        consolidated = os.path.join(scratch, WEIGHTS_DIR)
         try:
-            checkpoint.consolidate_to(local, weights)
+            consolidate_to(local, consolidated, tag=checkpoint.DS_TAG)
         except Exception as e:  # noqa: BLE001 - DeepSpeed raises assorted errors on partial folders
-            raise FinetuneError(f"source {ref!r}: cannot consolidate the ZeRO checkpoint in {full(ck_dir)}: "
+            raise FinetuneError(f"source {ref!r}: cannot consolidate the ZeRO checkpoint in {as_ref(ck_dir)}: "
                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-        if proto:
+        if local != ck_dir:
             shutil.rmtree(local, ignore_errors=True)
     m = state.config.get("model", {})
-    return SourceModel("checkpoint", ref, weights, m.get("variant"), m.get("img_size"), m.get("num_classes"),
-                       None, state.mlflow_run_id, None, full(ck_dir), scratch=scratch)
+    return SourceModel(kind="checkpoint", ref=ref, weights=consolidated, variant=m.get("variant"),
+                       img_size=m.get("img_size"), num_classes=m.get("num_classes"),
+                       parent_run_id=state.mlflow_run_id, checkpoint=as_ref(ck_dir), scratch=scratch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def adapt(source: SourceModel, variant: str, img_size: int, num_classes: int, *,
                                                                    img_size=img_size, device="meta")
     sd = dict(state_dict) if state_dict is not None else source.shapes()
     try:
-        return checkpoint.adapt_state_dict(model, sd, img_size=img_size, reset_head=reset_head, strict=strict)
+        return adapt_state_dict(model, sd, img_size=img_size, reset_head=reset_head, strict=strict)
     except (IncompatibleWeights, ValueError, KeyError, RuntimeError) as e:
         raise FinetuneError(f"incompatible checkpoint {source.ref} for {variant} @ {img_size}px: "
                             f"{str(e).splitlines()[0][:500]}") from None
@@ -295,7 +295,7 @@ def stage_init(cfg, source: SourceModel):
     _, dropped = adapt(source, m.variant, m.img_size, m.num_classes, reset_head=cfg.init.reset_head,
                        strict=cfg.init.strict)
     url = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}/init"
-    checkpoint.copy_weights(source.weights, url)
+    copy_weights(source.weights, url)
     cfg = cfg.model_copy(deep=True)
     cfg.init.from_checkpoint = url
     return cfg, dropped
@@ -313,7 +313,7 @@ def lineage_tags(source: SourceModel) -> dict[str, str]:
         tags["coatnet.source_checkpoint"] = source.checkpoint
     if source.model_version:
         tags["coatnet.source_model_version"] = source.model_version
-    if source.variant:
+    if source.img_size:
         tags["coatnet.source_img_size"] = str(source.img_size)
     return tags
 

@@ -17,22 +17,17 @@ import os
 import shutil
 import tempfile
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline import checkpoint
-from pipeline import tracking
-from pipeline.config import (Config, ConfigError, flat_params, is_remote, resolve_paths, resolved_dict,
-                             scrub_text)
+from pipeline import checkpoint, tracking
+from pipeline.cluster import ray_session, storage_filesystem, worker_env
+from pipeline.config import Config, ConfigError, flat_params, is_remote, resolve_paths, resolved_dict
 from pipeline.console import ProgressChannel, say
+from pipeline.redact import redact
+from pipeline.retry import RetryPolicy, call_with_retry
 from pipeline.train import TrainTask
-
-# environment a worker needs from the driver (values are never logged)
-_PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-             "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL",
-             "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-             "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "GOOGLE_APPLICATION_CREDENTIALS")
+from pipeline.weights import EMA_WEIGHTS_DIR, WEIGHTS_DIR, consolidate_to
 
 
 @dataclass
@@ -63,29 +58,10 @@ class RunSummary:
 # Preflight: everything that can be checked before a worker starts
 # ---------------------------------------------------------------------------------------------
 
-def storage_filesystem(path: str):
-    """(pyarrow filesystem or None, path for Ray). S3 with a custom endpoint (AWS_ENDPOINT_URL,
-    e.g. MinIO or a loopback test server) needs an explicit pyarrow filesystem."""
-    if path.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        from urllib.parse import urlparse
-
-        import pyarrow.fs as pafs
-
-        ep = urlparse(os.environ["AWS_ENDPOINT_URL"])
-        fs = pafs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme or "https",
-                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-        return fs, path[len("s3://"):]
-    return None, path
-
-
 def check_storage(path: str) -> None:
     """Write and delete a probe object; ConfigError naming storage.storage_path otherwise."""
-    import pyarrow.fs as pafs
-
     try:
         fs, p = storage_filesystem(path)
-        if fs is None:
-            fs, p = pafs.FileSystem.from_uri(path if is_remote(path) else os.path.abspath(path))
         fs.create_dir(p, recursive=True)
         probe = f"{p.rstrip('/')}/.probe-{uuid.uuid4().hex[:8]}"
         with fs.open_output_stream(probe) as f:
@@ -100,7 +76,6 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
     """Validate against the world (variant, data, storage), resolve derived numbers.
     Returns (resolved config, the workers' task without the MLflow run id)."""
     import models
-
     from pipeline.data import DataError, ShardIndex, write_demo_shards
 
     cfg = resolve_paths(cfg)
@@ -131,7 +106,7 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
     for url, idx in trained_on:
         if not idx.pre_shuffled:
             part = idx.meta.get("samples_per_shard", 0) * idx.meta.get("shards_per_part", 0)
-            say(f"note: {scrub_text(url)} is not pre-shuffled (rows mixed within parts"
+            say(f"note: {redact(url)} is not pre-shuffled (rows mixed within parts"
                 f"{f' of {part}' if part else ''} only); the loader mixes shards and a sample buffer "
                 f"per worker - shuffle a class-sorted manifest before make_shards")
     if cfg.model.num_classes is None:
@@ -145,7 +120,10 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
     if val is not None and val.num_samples < w:
         raise ConfigError(f"data.val_split: {val.num_samples} samples for {w} workers")
     if cfg.model.compile and cfg.train.bf16 and not cfg.scaling.use_gpu:
-        raise ConfigError("model.compile with train.bf16 on CPU workers: torch 2.13's inductor fails to build "
+        import torch
+
+        raise ConfigError(f"model.compile with train.bf16 on CPU workers: torch {torch.__version__.split('+')[0]}'s "
+                          "inductor fails to build "
                           "bf16 CPU kernels (CppCompileError); set train.bf16=false or model.compile=false")
     s = cfg.scaling
     if s.min_workers:
@@ -173,44 +151,6 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
 # ---------------------------------------------------------------------------------------------
 # Ray
 # ---------------------------------------------------------------------------------------------
-
-@contextmanager
-def ray_session(num_cpus: float | None = None) -> Iterator[None]:
-    """Ray for the duration: nothing to do when this process already has it; attach to the cluster
-    when RAY_ADDRESS is set (``ray job submit``, token auth from the environment); otherwise a
-    private local instance with its own temp dir, shut down and removed on exit. Worker output is
-    forwarded to this process's stdout, which a job's console sends to its log file."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    tmp = None
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, configure_logging=False)
-    else:
-        # short (unix socket paths < 107 chars), and named by this pid so that whoever SIGKILLs a
-        # driver (which then cannot clean up) can find and remove its Ray's files
-        tmp = tempfile.mkdtemp(prefix=f"rp{os.getpid()}-", dir="/tmp")
-        ray.init(address="local", num_cpus=max(int(math.ceil(num_cpus or 0)), os.cpu_count() or 1),
-                 _temp_dir=tmp, include_dashboard=False, log_to_driver=True, configure_logging=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def worker_env() -> dict[str, str]:
-    """The environment a Ray worker of this job needs from the driver: credentials and endpoints
-    (``_PASS_ENV``; passed, never logged) and this checkout on ``PYTHONPATH``, so that workers
-    import its packages whatever their working directory."""
-    env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (repo, os.environ.get("PYTHONPATH")) if x)
-    return env
-
 
 def ray_cpus(cfg: Config) -> float:
     return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
@@ -256,7 +196,7 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
     run_id, resumed = tracking.get_or_create_run(uri, cfg.tracking.experiment, run_key,
                                                  cfg.tracking.run_name, tags, flat_params(cfg))
     for k, v in (extra_tags or {}).items() if resumed else ():
-        tracking.client(uri).set_tag(run_id, k, scrub_text(str(v)))
+        tracking.client(uri).set_tag(run_id, k, redact(str(v)))
     task.mlflow_run_id = run_id
     say(f"MLflow run     {run_id} ({'continued' if resumed else 'new'}) in {uri}")
     previous = checkpoint.latest_checkpoint(run_key)
@@ -279,34 +219,42 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
     if result.error:
         tracking.client(uri).set_terminated(run_id, status="FAILED")
         raise result.error
-    # stream the final ZeRO-3 checkpoint into fp32 safetensors shards; keep them with the run, log them
     weights, ck_path, steps = None, None, 0
     if result.checkpoint is not None:
-        ck_path = result.checkpoint.path if not cfg.storage.storage_path.startswith("s3://") \
-            else f"s3://{result.checkpoint.path}"
-        out_dir = tempfile.mkdtemp(prefix="weights-")
-        with result.checkpoint.as_directory() as d:
-            state = checkpoint.read_state(d)
-            local = checkpoint.consolidate_to(d, os.path.join(out_dir, checkpoint.WEIGHTS_DIR))
-            ema = os.path.join(d, checkpoint.EMA_WEIGHTS_DIR)
-            if os.path.isdir(ema):                       # written by the workers with train.ema_decay
-                shutil.copytree(ema, os.path.join(out_dir, checkpoint.EMA_WEIGHTS_DIR))
-        logged = {name: os.path.join(out_dir, name) for name in (checkpoint.WEIGHTS_DIR, checkpoint.EMA_WEIGHTS_DIR)
-                  if os.path.isdir(os.path.join(out_dir, name))}
-        tracking.with_retries(
-            lambda: tracking.finish_run(uri, run_id, weights_dirs=logged, resolved=resolved_dict(cfg),
-                                        tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"}),
-            timeout_s=cfg.tracking.outage_timeout_s, what="finishing the run", say=say)
+        ck_path = result.checkpoint.path
         if is_remote(cfg.storage.storage_path):
-            weights = f"runs:/{run_id}/{checkpoint.WEIGHTS_DIR}"
-        else:
-            run_dir = os.path.join(cfg.storage.storage_path, cfg.storage.name)
-            for name, folder in logged.items():
-                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-                shutil.copytree(folder, os.path.join(run_dir, name))
-            weights = os.path.join(run_dir, checkpoint.WEIGHTS_DIR)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        steps = state.step
+            ck_path = f"{cfg.storage.storage_path.split('://', 1)[0]}://{ck_path}"
+        steps, weights = _publish_weights(cfg, result.checkpoint, run_id, ck_path)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return RunSummary(cfg.storage.name, ck_path, weights, run_id, uri, cfg.tracking.experiment,
                       steps, metrics, resumed)
+
+
+def _publish_weights(cfg: Config, final_checkpoint, run_id: str, ck_path: str) -> tuple[int, str]:
+    """Stream the final ZeRO-3 checkpoint into fp32 safetensors (``weights/``; ``weights_ema/`` as
+    the workers exported it), log both to the MLflow run and finish it; keep them beside the run on
+    local storage. Returns (the checkpoint's step, where the weights are: a folder or runs:/ URI)."""
+    uri = cfg.tracking.tracking_uri
+    out_dir = tempfile.mkdtemp(prefix="weights-")
+    try:
+        with final_checkpoint.as_directory() as d:
+            state = checkpoint.read_state(d)
+            consolidate_to(d, os.path.join(out_dir, WEIGHTS_DIR), tag=checkpoint.DS_TAG)
+            if os.path.isdir(os.path.join(d, EMA_WEIGHTS_DIR)):     # with train.ema_decay
+                shutil.copytree(os.path.join(d, EMA_WEIGHTS_DIR), os.path.join(out_dir, EMA_WEIGHTS_DIR))
+        logged = {name: os.path.join(out_dir, name) for name in (WEIGHTS_DIR, EMA_WEIGHTS_DIR)
+                  if os.path.isdir(os.path.join(out_dir, name))}
+        call_with_retry(lambda: tracking.finish_run(uri, run_id, weights_dirs=logged, resolved=resolved_dict(cfg),
+                                                    tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"}),
+                        RetryPolicy(timeout_s=cfg.tracking.outage_timeout_s, initial_delay_s=1.0, max_delay_s=30.0),
+                        retry_on=lambda e: True, announce=say, service="tracking server",
+                        doing="finishing the run")
+        if is_remote(cfg.storage.storage_path):
+            return state.step, f"runs:/{run_id}/{WEIGHTS_DIR}"
+        run_dir = os.path.join(cfg.storage.storage_path, cfg.storage.name)
+        for name, folder in logged.items():
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            shutil.copytree(folder, os.path.join(run_dir, name))
+        return state.step, os.path.join(run_dir, WEIGHTS_DIR)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)

@@ -13,10 +13,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.checkpoint import to_fp32
 from pipeline.errors import PipelineError
 from pipeline.registry import device, load_model
 from pipeline.spec import ModelSpec, preprocess, top_k
+from pipeline.weights import to_fp32
 
 
 class InputError(PipelineError):
@@ -156,7 +156,7 @@ def _predict_ray(model, spec: ModelSpec, files, shards, k, batch_size, concurren
     import ray
     import ray.data
 
-    from pipeline.launch import ray_session
+    from pipeline.cluster import ray_session
 
     with ray_session(num_cpus=None):
         return _predict_on_ray(ray, model, spec, files, shards, k, batch_size, concurrency)

@@ -30,14 +30,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 import mlflow
 import mlflow.pyfunc
+import numpy as np
 
-from pipeline.checkpoint import check_compatible, load_weights, save_weights, to_fp32
 from pipeline.errors import PipelineError
 from pipeline.spec import ModelSpec, preprocess, top_k
+from pipeline.weights import check_compatible, load_weights, to_fp32, write_weights
 
 WEIGHTS_DIR = "weights"
 SPEC_FILE = "spec.json"
@@ -132,7 +131,7 @@ def log_model(model_or_state_dict, spec: ModelSpec, *, name: str = "model",
     net.eval()
     with tempfile.TemporaryDirectory() as tmp:
         wpath, spath = os.path.join(tmp, WEIGHTS_DIR), os.path.join(tmp, SPEC_FILE)
-        save_weights(sd, wpath)
+        write_weights(wpath, sd.items())
         Path(spath).write_text(json.dumps(spec.to_dict(), indent=1))
         example = pd.DataFrame({"image": [_example_png(spec)]})
         wrapper = CoAtNetPyfunc()

@@ -14,7 +14,7 @@ Run structure (what the fine-tuning/registry stages can rely on):
 - system metrics (MLflow's own monitor, from the rank-0 worker): ``system/cpu_utilization_percentage``,
   ``system/system_memory_usage_megabytes``, GPU utilisation and memory when there is a GPU
 - artifact ``weights/``: the consolidated fp32 weights as safetensors (``model.safetensors``, or shards
-  and ``model.safetensors.index.json``; ``pipeline.checkpoint.load_weights`` reads either);
+  and ``model.safetensors.index.json``; ``pipeline.weights.load_weights`` reads either);
   ``weights_ema/`` the same for the EMA model when ``train.ema_decay`` is set,
   ``config/resolved.json``
 """
@@ -50,16 +50,16 @@ def get_or_create_run(uri: str, experiment: str, run_key: str, run_name: str,
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
-    from pipeline.config import scrub, scrub_text
+    from pipeline.redact import redact, redact_values
 
-    key = scrub_text(run_key.replace("'", ""))
+    key = redact(run_key.replace("'", ""))
     found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
                           order_by=["attributes.start_time DESC"], max_results=1)
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = c.create_run(exp_id, run_name=run_name, tags=scrub({**tags, RUN_KEY_TAG: key}))
+    run = c.create_run(exp_id, run_name=run_name, tags=redact_values({**tags, RUN_KEY_TAG: key}))
     from mlflow.entities import Param
 
     items = [Param(k, v) for k, v in params.items()]
@@ -142,21 +142,6 @@ def fast_fail_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def with_retries(fn, *, timeout_s: float, what: str, say=print):
-    """``fn()`` retried with backoff while the tracking server is unreachable, for up to ``timeout_s``."""
-    from pipeline.data.storage import RetryPolicy, call_with_retry
-
-    failed = []
-
-    def first_failure(e: BaseException) -> None:
-        if not failed:
-            say(f"tracking server unreachable while {what} ({type(e).__name__}); retrying for up to "
-                f"{timeout_s:.0f} s")
-        failed.append(e)
-    return call_with_retry(fn, RetryPolicy(timeout_s=timeout_s, initial_delay_s=1.0, max_delay_s=30.0),
-                           on_retry=first_failure, retry_on=lambda e: True)
-
-
 class SystemMetrics:
     """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU when present) logging into
     the run from this process, every ``tracking.system_metrics_interval_s``. A no-op when disabled."""
@@ -183,11 +168,11 @@ class SystemMetrics:
 
 def finish_run(uri: str, run_id: str, *, weights_dirs: dict[str, str], resolved: dict[str, Any],
                tags: dict[str, str], status: str = "FINISHED") -> None:
-    from pipeline.config import scrub_text
+    from pipeline.redact import redact
 
     c = client(uri)
     for k, v in tags.items():
-        c.set_tag(run_id, k, scrub_text(str(v)))
+        c.set_tag(run_id, k, redact(str(v)))
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "resolved.json")
         with open(p, "w") as f:

@@ -22,14 +22,14 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint
+from pipeline import checkpoint, tracking
 from pipeline.checkpoint import TrainState
-from pipeline.config import CallbackSpec, Config, scrub, scrub_text
-from pipeline.engine import (build_engine, compute_dtype, deepspeed_config, export_weights, partitions,
-                             swapped_in)
+from pipeline.config import CallbackSpec, Config
+from pipeline.engine import build_engine, compute_dtype, deepspeed_config, export_weights, partitions, swapped_in
 from pipeline.evaluate import Scores
-from pipeline import tracking
+from pipeline.redact import redact, redact_values
 from pipeline.tracking import MetricsLogger, SystemMetrics
+from pipeline.weights import EMA_WEIGHTS_DIR
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TrainTask:
         return Config.model_validate(self.config)
 
     def say(self, line: str) -> None:
-        line = scrub_text(line)
+        line = redact(line)
         if self.progress is not None:
             self.progress.send(line)
         print(line, flush=True)        # the worker's own log keeps it too
@@ -280,13 +280,13 @@ def train_loop_per_worker(task: TrainTask) -> None:
     def save_and_report(metrics: dict[str, float]) -> None:
         started = time.time()
         state = TrainState(step=step, samples_seen=samples_seen, total_steps=total,
-                           loader=train_loader.state_dict(), config=scrub(task.config),
+                           loader=train_loader.state_dict(), config=redact_values(task.config),
                            label_type=task.label_type, skipped_samples=skipped_total(),
                            mlflow_run_id=task.mlflow_run_id, world_size=world)
         folder = checkpoint.save(engine, rank=rank, state=state, run_key=run_key, ema=ema)
         if ema is not None and step == total:     # the EMA model, whole, for the driver to log
             with swapped_in(engine, ema):
-                export_weights(engine, os.path.join(folder, checkpoint.EMA_WEIGHTS_DIR), rank=rank)
+                export_weights(engine, os.path.join(folder, EMA_WEIGHTS_DIR), rank=rank)
         for cb in callbacks:
             cb.on_save(step, folder)
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(folder),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +261,8 @@ class Runner:
         self._ray_started = False
 
     def ensure_ray(self, cfg: Config) -> None:
-        from pipeline.launch import ray_cpus, ray_session
+        from pipeline.cluster import ray_session
+        from pipeline.launch import ray_cpus
 
         if not self._ray_started:
             self.ray.enter_context(ray_session(ray_cpus(cfg)))

@@ -1,7 +1,6 @@
 """Shard writing and the streaming loader, on a local folder and on the loopback S3 endpoint."""
 from __future__ import annotations
 
-import collections
 import csv
 import hashlib
 import io

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_resume_on_fewer_then_more_workers(tmp_path):
-    from pipeline import checkpoint
+    from pipeline import checkpoint, weights
     from pipeline.data import write_demo_shards
 
     data = str(tmp_path / "demo")
@@ -48,16 +48,16 @@ def test_resume_on_fewer_then_more_workers(tmp_path):
         assert all(s["adam_steps"] == [resumed_at] and s["exp_avg_sq_norm"] > 0 for s in starts), starts
         assert starts[0]["grad_accum"] == GLOBAL // (MICRO * len(ranks))
         # ...and so did the weights: equal to the checkpoint's (fp32 master rounded to bf16)
-        sd = checkpoint.consolidate(f"{storage}/elastic/checkpoint_{resumed_at:08d}")
+        sd = weights.consolidate(f"{storage}/elastic/checkpoint_{resumed_at:08d}")
         expect = float(sum(v.to(torch.bfloat16).double().pow(2).sum() for k, v in sd.items()
                            if "running" not in k and "num_batches" not in k and "relative_position_index" not in k))
         assert starts[0]["param_sq_sum"] == pytest.approx(expect, rel=1e-3), (starts[0], expect, from_world)
 
     # the streamed consolidation (safetensors shards + index) equals the in-memory one
-    streamed = checkpoint.load_weights(checkpoint.consolidate_to(
-        f"{storage}/elastic/checkpoint_00000008", str(tmp_path / "w8"), max_shard_size="300KB"))
-    assert len(checkpoint.weight_files(str(tmp_path / "w8"))) > 1            # really sharded
-    whole = checkpoint.consolidate(f"{storage}/elastic/checkpoint_00000008")
+    streamed = weights.load_weights(weights.consolidate_to(
+        f"{storage}/elastic/checkpoint_00000008", str(tmp_path / "w8"), max_shard_bytes=300_000))
+    assert len(weights.weight_files(str(tmp_path / "w8"))) > 1            # really sharded
+    whole = weights.consolidate(f"{storage}/elastic/checkpoint_00000008")
     assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k]) for k in whole)
 
     # one MLflow run, every step logged once, no jump in the loss at either change

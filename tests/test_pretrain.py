@@ -213,7 +213,7 @@ def test_consolidated_fp32_weights_match_live_and_load(s3_run, tmp_path):
     import models
 
     c, runs = _run(s3_run["uri"])
-    from pipeline.checkpoint import load_weights
+    from pipeline.weights import load_weights
 
     path = c.download_artifacts(runs[0].info.run_id, "weights", str(tmp_path))
     sd = load_weights(path)                      # safetensors: nothing is unpickled
@@ -312,7 +312,7 @@ def test_driver_stop_and_rerun_resumes(demo_root, tmp_path):
     # and what a run id resolves to (so what the workflow registers) unless asked for the raw weights
     from mlflow.tracking import MlflowClient
 
-    from pipeline.checkpoint import load_weights
+    from pipeline.weights import load_weights
     from pipeline.finetune import resolve_source
 
     run = runs[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import models
-from pipeline.checkpoint import adapt_state_dict
+from pipeline.weights import adapt_state_dict
 from pipeline.config import load_config
 from pipeline.engine import deepspeed_config, param_groups
 from pipeline.train import loss_fn, lr_at
@@ -193,15 +193,15 @@ def test_weight_decay_split_is_the_same_under_zero_init(tmp_path):
 
 
 def test_weights_round_trip_sharded_safetensors(tmp_path):
-    """save_weights shards above max_shard_size (with an index) and load_weights reads any layout:
-    the one folder format of consolidated, staged and registered weights."""
+    """write_weights shards above max_shard_bytes (with an index) and load_weights reads any layout:
+    the one folder format of consolidated, exported, staged and registered weights."""
     import json
 
-    from pipeline.checkpoint import SAFETENSORS_INDEX, load_weights, save_weights, weight_files
+    from pipeline.weights import SAFETENSORS_INDEX, load_weights, weight_files, write_weights
 
     sd = models.create_model("coatnet_pico", num_classes=10, img_size=32).state_dict()
-    save_weights(sd, str(tmp_path / "one"))
-    save_weights(sd, str(tmp_path / "many"), max_shard_size="100KB")
+    write_weights(str(tmp_path / "one"), sd.items())
+    write_weights(str(tmp_path / "many"), sd.items(), max_shard_bytes=100_000)
     assert [p.rsplit("/", 1)[1] for p in weight_files(str(tmp_path / "one"))] == ["model.safetensors"]
     shards = weight_files(str(tmp_path / "many"))
     assert len(shards) > 2 and json.loads((tmp_path / "many" / SAFETENSORS_INDEX).read_text())["weight_map"]
@@ -218,11 +218,11 @@ def test_finetune_source_is_checked_from_headers_and_staged_as_files(tmp_path, s
     safetensors headers (meta tensors), its files are copied to the run's init/ folder (here on
     S3, sharded) byte for byte; a source that does not fit fails before anything is copied."""
     from pipeline import finetune
-    from pipeline.checkpoint import load_weights, save_weights, weight_files, weight_shapes
+    from pipeline.weights import load_weights, weight_files, weight_shapes, write_weights
 
     sd = models.create_model("coatnet_pico", num_classes=10, img_size=32).state_dict()
     src_url = f"s3://{s3_endpoint['bucket']}/pre/weights"
-    save_weights(sd, src_url, max_shard_size="100KB")
+    write_weights(src_url, sd.items(), max_shard_bytes=100_000)
     assert len(weight_files(src_url)) > 2
     shapes = weight_shapes(src_url)
     assert all(v.is_meta for v in shapes.values())

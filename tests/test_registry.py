@@ -297,7 +297,7 @@ def test_predict_files_and_shards_through_ray(trained, shards, tracking, tmp_pat
 def test_clear_errors(trained, shards, tracking, tmp_path):
     import models
 
-    from pipeline.checkpoint import IncompatibleWeights, check_compatible
+    from pipeline.weights import IncompatibleWeights, check_compatible
     from pipeline.registry import RegistryError, load_model
 
     model, spec = trained

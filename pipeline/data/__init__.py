@@ -4,10 +4,11 @@ from pipeline.data.demo import DEMO_CLASSES, demo_sample
 from pipeline.data.index import ShardIndex, ShardInfo, ShardTable
 from pipeline.data.loader import Batch, LoaderStats, SkippedSample, StreamingLoader
 from pipeline.data.reader import ShardSample, iter_shard_samples
-from pipeline.data.storage import DataError, RetryPolicy, register_webdataset_handlers
+from pipeline.data.storage import DataError, register_webdataset_handlers
 from pipeline.data.transforms import AugmentConfig, DeviceBatchTransform
 from pipeline.data.writer import (ShardOptions, WriteSummary, list_image_folder, read_manifest,
                                   write_demo_shards, write_shards)
+from pipeline.retry import RetryPolicy
 
 __all__ = [
     "AugmentConfig", "Batch", "DEMO_CLASSES", "DataError", "DeviceBatchTransform", "LoaderStats", "RetryPolicy",

@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.storage import (DataError, exists, join_url, open_file, parent_url, read_bytes,
-                                   redact_url, resolve_url)
+from pipeline.data.storage import DataError, exists, join_url, open_file, parent_url, read_bytes, resolve_url
+from pipeline.redact import redact
 
 INDEX_FILENAME = "index.parquet"
 INDEX_FORMAT = "coatnet-shards/2"
@@ -297,9 +297,9 @@ class ShardIndex:
         except _UnknownFormat as exc:
             raise DataError(_format_error(join_url(root, JSON_INDEX_FILENAME), exc.args[0])) from None
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"malformed shard index under {redact_url(root)}: {exc!r}") from exc
+            raise DataError(f"malformed shard index under {redact(root)}: {exc!r}") from exc
         if "num_samples" in data and int(data["num_samples"]) != index.num_samples:
-            raise DataError(f"shard index under {redact_url(root)} says {data['num_samples']} samples "
+            raise DataError(f"shard index under {redact(root)} says {data['num_samples']} samples "
                             f"but its shards add up to {index.num_samples}")
         return index
 
@@ -334,7 +334,7 @@ class ShardIndex:
             finally:
                 pa.set_memory_pool(pool)
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"shard index {redact_url(where)} is not a readable Parquet file: "
+            raise DataError(f"shard index {redact(where)} is not a readable Parquet file: "
                             f"{str(exc).splitlines()[0]}") from None
         header_bytes = (table.schema.metadata or {}).get(_METADATA_KEY)
         try:
@@ -351,9 +351,9 @@ class ShardIndex:
                         meta=dict(header.get("meta", {})), pre_shuffled=bool(header.get("pre_shuffled", False)),
                         stored_fingerprint=header.get("fingerprint"))
         except (KeyError, TypeError, ValueError, pa.ArrowException) as exc:
-            raise DataError(f"malformed shard index {redact_url(where)}: {exc!r}") from None
+            raise DataError(f"malformed shard index {redact(where)}: {exc!r}") from None
         if int(header.get("num_samples", index.num_samples)) != index.num_samples:
-            raise DataError(f"shard index {redact_url(where)} says {header['num_samples']} samples "
+            raise DataError(f"shard index {redact(where)} says {header['num_samples']} samples "
                             f"but its shards add up to {index.num_samples}")
         return index
 
@@ -384,14 +384,14 @@ class ShardIndex:
         except FileNotFoundError:
             where = index_url if url.endswith((".json", ".parquet")) else \
                 f"{join_url(url, INDEX_FILENAME)} (nor {JSON_INDEX_FILENAME})"
-            raise DataError(f"no shard index at {redact_url(where)}: write shards there first "
+            raise DataError(f"no shard index at {redact(where)}: write shards there first "
                             f"(python jobs/make_shards.py SOURCE DEST)") from None
         try:
             parsed = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"shard index {redact_url(index_url)} is not valid JSON: {exc}") from None
+            raise DataError(f"shard index {redact(index_url)} is not valid JSON: {exc}") from None
         if not isinstance(parsed, dict):
-            raise DataError(f"malformed shard index under {redact_url(root)}: not a JSON object")
+            raise DataError(f"malformed shard index under {redact(root)}: not a JSON object")
         return cls.from_json(parsed, root=root)
 
     def save(self, storage_options: dict[str, Any] | None = None, *,
@@ -417,6 +417,6 @@ class _UnknownFormat(Exception):
 
 
 def _format_error(where: str, found: Any) -> str:
-    return (f"shard index {redact_url(where)} has format {found!r}; this reader knows "
+    return (f"shard index {redact(where)} has format {found!r}; this reader knows "
             f"{JSON_INDEX_FORMAT!r} (index.json) and {INDEX_FORMAT!r} (index.parquet): "
             f"rewrite the index with this version's writer, or read it with the version that wrote it")

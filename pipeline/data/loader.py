@@ -70,9 +70,10 @@ from pipeline.data.cropdecode import CropDecoder
 from pipeline.data.index import ShardIndex, ShardTable
 from pipeline.data.reader import (DEFAULT_MAX_PIXELS, BadSample, ChecksumMismatch, CountingReader,
                                   decode_sample, fetch_verified, parse_labels, tar_samples)
-from pipeline.data.storage import (DataError, RetryPolicy, is_retryable, open_file, redact_url,
-                                   register_webdataset_handlers, resolve_url)
+from pipeline.data.storage import DataError, open_file, register_webdataset_handlers, resolve_url
 from pipeline.data.transforms import AugmentConfig, DeviceBatchTransform, crop_transform
+from pipeline.redact import redact
+from pipeline.retry import RetryPolicy, is_transient
 
 STATE_VERSION = 2
 _MAX_SKIP_RECORDS = 1000
@@ -442,7 +443,7 @@ class _StreamReader:
                 with self._open(url, sha256, expected_size) as f:
                     reader = CountingReader(f)
                     seen = 0
-                    for i, (key, files) in enumerate(tar_samples(reader, redact_url(url))):
+                    for i, (key, files) in enumerate(tar_samples(reader, redact(url))):
                         seen = i + 1
                         if i == todo[0]:
                             todo.pop(0)
@@ -457,14 +458,14 @@ class _StreamReader:
                             reason = (f"shard ended after {seen} of {int(shards.num_samples[row])} "
                                       f"samples (truncated: {size} of {expected_size} bytes)")
             except ChecksumMismatch as exc:
-                reason = (f"checksum mismatch for shard {redact_url(url)}: sha256 {exc.actual} but the "
+                reason = (f"checksum mismatch for shard {redact(url)}: sha256 {exc.actual} but the "
                           f"index says {exc.expected}; the shard is skipped whole")
             except (tarfile.TarError, EOFError) as exc:
                 reason = f"truncated or corrupt tar ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             except ValueError as exc:        # webdataset: a duplicate entry in one sample
                 reason = f"corrupt tar ({exc})"
             except Exception as exc:
-                delay = next(delays, None) if is_retryable(exc) else None
+                delay = next(delays, None) if is_transient(exc) else None
                 if delay is not None:
                     self.retries += 1
                     time.sleep(delay)
@@ -648,7 +649,7 @@ class StreamingLoader:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index, storage_options)
         if self.index.num_samples == 0:
-            raise DataError(f"shard index under {redact_url(self.index.root)} has no samples")
+            raise DataError(f"shard index under {redact(self.index.root)} has no samples")
         self.train = train
         self.img_size = img_size
         self.num_workers = num_workers

@@ -25,7 +25,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline.data.storage import DataError, RetryPolicy, is_retryable, open_file, redact_url
+from pipeline.data.storage import DataError, open_file
+from pipeline.redact import redact
+from pipeline.retry import RetryPolicy, is_transient
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 89_478_485      # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
@@ -113,7 +115,7 @@ def iter_shard_samples(url: str, *, storage_options: dict[str, Any] | None = Non
             f = open_file(url, "rb", storage_options)
             break
         except Exception as exc:
-            delay = next(delays, None) if is_retryable(exc) else None
+            delay = next(delays, None) if is_transient(exc) else None
             if delay is None:
                 raise
             time.sleep(delay)
@@ -123,9 +125,9 @@ def iter_shard_samples(url: str, *, storage_options: dict[str, Any] | None = Non
             try:
                 source = fetch_verified(f, sha256)
             except ChecksumMismatch as exc:
-                raise DataError(f"shard {redact_url(url)}: {exc}") from None
+                raise DataError(f"shard {redact(url)}: {exc}") from None
         with source:
-            for key, files in tar_samples(source, redact_url(url)):
+            for key, files in tar_samples(source, redact(url)):
                 image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
                 if image is not None:
                     yield ShardSample(key, image, files)

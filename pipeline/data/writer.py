@@ -44,9 +44,10 @@ from tqdm.auto import tqdm
 from pipeline.data.demo import DEMO_CLASSES, demo_jpeg
 from pipeline.data.index import LabelType, ShardIndex, ShardInfo
 from pipeline.data.reader import pil_to_rgb8
-from pipeline.data.storage import (DataError, RetryPolicy, call_with_retry, exists, is_url,
-                                   join_url, open_file, parent_url, read_bytes, redact_url,
+from pipeline.data.storage import (DataError, exists, is_url, join_url, open_file, parent_url, read_bytes,
                                    resolve_url, url_to_fs)
+from pipeline.redact import redact
+from pipeline.retry import RetryPolicy, call_with_retry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}   # kept verbatim unless resized
@@ -124,7 +125,7 @@ class WriteSummary:
         for s in self.splits.values():
             lines.append(f"{s.split}: {s.num_samples} samples in {s.num_shards} shards "
                          f"({s.num_bytes / 1e6:.1f} MB; {s.shards_written} written, "
-                         f"{s.shards_reused} already complete) -> {redact_url(s.index_url)}")
+                         f"{s.shards_reused} already complete) -> {redact(s.index_url)}")
         skipped = self.skipped
         lines.append(f"skipped inputs: {len(skipped)}")
         for reason, count in Counter(s.reason for s in skipped).most_common():
@@ -150,12 +151,12 @@ def list_image_folder(root: str, storage_options: dict[str, Any] | None = None) 
     """ImageFolder layout: ``root/<class name>/<image>``; classes are the sorted folder names."""
     fs, base = url_to_fs(root, storage_options)
     if not fs.isdir(base):
-        raise DataError(f"source folder {redact_url(root)} does not exist")
+        raise DataError(f"source folder {redact(root)} does not exist")
     base = base.rstrip("/")
     files = sorted(fs.find(base))
     class_names = sorted({p[len(base) + 1:].split("/", 1)[0] for p in files if "/" in p[len(base) + 1:]})
     if not class_names:
-        raise DataError(f"source folder {redact_url(root)} has no class subfolders (expected "
+        raise DataError(f"source folder {redact(root)} has no class subfolders (expected "
                         f"ImageFolder layout: one subfolder of images per class)")
     class_index = {name: i for i, name in enumerate(class_names)}
     items, skipped = [], []
@@ -166,12 +167,12 @@ def list_image_folder(root: str, storage_options: dict[str, Any] | None = None) 
         if name.startswith("."):
             continue
         if "/" not in rel:
-            skipped.append(SkippedInput(redact_url(url), "not in a class folder"))
+            skipped.append(SkippedInput(redact(url), "not in a class folder"))
         elif not name.lower().endswith(IMAGE_EXTENSIONS):
-            skipped.append(SkippedInput(redact_url(url), f"not an image file ({os.path.splitext(name)[1] or 'no extension'})"))
+            skipped.append(SkippedInput(redact(url), f"not an image file ({os.path.splitext(name)[1] or 'no extension'})"))
         else:
             items.append(InputItem(url, (class_index[rel.split("/", 1)[0]],)))
-    return _Listing(items, tuple(class_names), "single", skipped, f"folder {redact_url(root)}")
+    return _Listing(items, tuple(class_names), "single", skipped, f"folder {redact(root)}")
 
 
 def _split_label_tokens(value: Any) -> list[str]:
@@ -211,16 +212,16 @@ def read_manifest(url: str, class_names: Sequence[str] | None = None,
     try:
         rows = _read_manifest_rows(url, storage_options)
     except FileNotFoundError as exc:
-        raise DataError(f"manifest {redact_url(url)} does not exist") from exc
+        raise DataError(f"manifest {redact(url)} does not exist") from exc
     except (UnicodeDecodeError, csv.Error, OSError, ValueError) as exc:
-        raise DataError(f"manifest {redact_url(url)} cannot be read: {exc}") from exc
+        raise DataError(f"manifest {redact(url)} cannot be read: {exc}") from exc
     if not rows:
-        raise DataError(f"manifest {redact_url(url)} has no rows")
+        raise DataError(f"manifest {redact(url)} has no rows")
     columns = list(rows[0].keys())
     image_column = next((c for c in _IMAGE_COLUMNS if c in columns), None)
     label_column = "labels" if "labels" in columns else "label" if "label" in columns else None
     if image_column is None or label_column is None:
-        raise DataError(f"manifest {redact_url(url)} needs an image column (one of "
+        raise DataError(f"manifest {redact(url)} needs an image column (one of "
                         f"{', '.join(_IMAGE_COLUMNS)}) and a 'label' or 'labels' column; "
                         f"it has {columns}")
     label_type: LabelType = "multi" if label_column == "labels" else "single"
@@ -233,9 +234,9 @@ def read_manifest(url: str, class_names: Sequence[str] | None = None,
     items, skipped = [], []
     for row_number, (row, tokens) in enumerate(zip(rows, tokens_per_row), start=2):
         parsed = _parse_row(row.get(image_column), tokens, base, class_index, label_type,
-                            f"{redact_url(url)} row {row_number}")
+                            f"{redact(url)} row {row_number}")
         (items if isinstance(parsed, InputItem) else skipped).append(parsed)
-    return _Listing(items, tuple(class_names), label_type, skipped, f"manifest {redact_url(url)}")
+    return _Listing(items, tuple(class_names), label_type, skipped, f"manifest {redact(url)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,11 +280,11 @@ def scan_manifest(url: str, class_names: Sequence[str] | None = None,
             image_column = next((c for c in _IMAGE_COLUMNS if c in columns), None)
             label_column = "labels" if "labels" in columns else "label" if "label" in columns else None
             if image_column is None or label_column is None:
-                raise DataError(f"manifest {redact_url(url)} needs an image column (one of "
+                raise DataError(f"manifest {redact(url)} needs an image column (one of "
                                 f"{', '.join(_IMAGE_COLUMNS)}) and a 'label' or 'labels' column; "
                                 f"it has {columns}")
             if num_rows == 0:
-                raise DataError(f"manifest {redact_url(url)} has no rows")
+                raise DataError(f"manifest {redact(url)} has no rows")
             if class_names is None:
                 seen: set[str] = set()
                 for group in range(pf.metadata.num_row_groups):   # one at a time: a call over all
@@ -294,9 +295,9 @@ def scan_manifest(url: str, class_names: Sequence[str] | None = None,
                         seen.update(_split_label_tokens(value))
                 class_names = _class_names_from_tokens(seen)
     except FileNotFoundError as exc:
-        raise DataError(f"manifest {redact_url(url)} does not exist") from exc
+        raise DataError(f"manifest {redact(url)} does not exist") from exc
     except (OSError, ValueError) as exc:
-        raise DataError(f"manifest {redact_url(url)} cannot be read: {exc}") from exc
+        raise DataError(f"manifest {redact(url)} cannot be read: {exc}") from exc
     return ManifestColumns(url, num_rows, image_column, label_column, tuple(class_names))
 
 
@@ -339,7 +340,7 @@ class ManifestRows:
         class_index = {name: i for i, name in enumerate(m.class_names)}
         base = parent_url(m.url)
         return [_parse_row(image, _split_label_tokens(label), base, class_index, m.label_type,
-                           f"{redact_url(m.url)} row {self.start + i}")
+                           f"{redact(m.url)} row {self.start + i}")
                 for i, (image, label) in enumerate(zip(images, labels))]
 
 
@@ -350,9 +351,9 @@ def _parse_row(image: Any, tokens: list[str], base: str, class_index: dict[str, 
         return SkippedInput(where, "missing image")
     source = resolve_url(base, str(image).strip())
     if not tokens:
-        return SkippedInput(redact_url(source), "missing label")
+        return SkippedInput(redact(source), "missing label")
     if label_type == "single" and len(tokens) > 1:
-        return SkippedInput(redact_url(source), "several labels in a single-label manifest")
+        return SkippedInput(redact(source), "several labels in a single-label manifest")
     labels: list[int] = []
     for token in tokens:
         if token in class_index:
@@ -360,7 +361,7 @@ def _parse_row(image: Any, tokens: list[str], base: str, class_index: dict[str, 
         elif token.lstrip("-").isdigit() and 0 <= int(token) < len(class_index):
             labels.append(int(token))
         else:
-            return SkippedInput(redact_url(source), f"label out of range or unknown class: {token!r}")
+            return SkippedInput(redact(source), f"label out of range or unknown class: {token!r}")
     return InputItem(source, tuple(sorted(set(labels))))
 
 
@@ -497,7 +498,7 @@ def _write_shard(shard: _Shard) -> dict[str, Any]:
                 try:
                     data, ext, labels = _load_input(item, d)
                 except _BadInput as exc:
-                    skipped.append(SkippedInput(redact_url(item.source), str(exc)))
+                    skipped.append(SkippedInput(redact(item.source), str(exc)))
                     continue
                 _add_member(tar, f"{key}.{ext}", data)
                 if d.label_type == "single":
@@ -577,7 +578,7 @@ def _part_result(part: _Part, result: Any) -> list[tuple[int, dict[str, Any], bo
         return result()
     except Exception as exc:
         first = f"shard-{part.first_shard:0{part.dataset.shard_width}d}.tar"
-        raise DataError(f"writing {redact_url(join_url(part.dataset.split_url, first))} failed: "
+        raise DataError(f"writing {redact(join_url(part.dataset.split_url, first))} failed: "
                         f"{type(exc).__name__}: {exc} (a rerun resumes with the shards already complete)") from exc
 
 
@@ -604,7 +605,7 @@ def _run_parts_on_ray(parts: Sequence[_Part], bar: tqdm) -> Iterator[tuple[int, 
     not 10^5 pending tasks). A task lost with its node is retried; a part is idempotent."""
     import ray
 
-    from pipeline.launch import worker_env
+    from pipeline.cluster import worker_env
 
     task = ray.remote(num_cpus=1, max_retries=3)(write_part).options(
         runtime_env={"env_vars": worker_env()})
@@ -706,7 +707,7 @@ def _split_takes(sizes: Sequence[int], val_fraction: float, split: str | None) -
 @contextmanager
 def _executor(options: ShardOptions) -> Iterator[None]:
     if options.executor == "ray":
-        from pipeline.launch import ray_session
+        from pipeline.cluster import ray_session
 
         with ray_session(num_cpus=options.num_workers):
             yield
@@ -731,7 +732,7 @@ def write_shards(source: str, dest: str, *, split: str | None = None, val_fracti
         num_rows, names, label_type = manifest.num_rows, manifest.class_names, manifest.label_type
         rows_of = lambda start, end: ManifestRows(manifest, start, end, storage_options)  # noqa: E731
         permute_seed: int | None = options.seed
-        description, listing_skipped, pre_shuffled = f"manifest {redact_url(source)}", [], False
+        description, listing_skipped, pre_shuffled = f"manifest {redact(source)}", [], False
     else:
         if source.lower().endswith(".csv"):
             listing = read_manifest(source, class_names, storage_options)
