@@ -10,6 +10,7 @@ overrides (``train.lr=1e-3``), validated before any worker starts.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -262,19 +263,45 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         raise ConfigError(format_errors(e)) from None
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged over ``base`` (neither is changed): mappings key by key, anything else
+    (lists, scalars, null) replaced as a whole."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def read_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML recipe as a dict, its ``base:`` resolved: ``base: <path>`` (relative to the recipe's
+    folder) is read first, recursively, and the recipe's own keys are deep-merged over it
+    (``deep_merge``). A missing file, bad YAML, a non-mapping or a base cycle -> one-line ``ConfigError``."""
+    p = Path(path)
+    if p.resolve() in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain, p.resolve()))
+        raise ConfigError(f"config file {_chain[-1]}: base cycle {cycle}")
+    if not p.is_file():
+        if _chain:
+            raise ConfigError(f"config file {_chain[-1]}: its base {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {path}: base must be a file path (relative to its folder), got {base!r}")
+    return deep_merge(read_recipe(p.parent / base, (*_chain, p.resolve())), data)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (or none: the embedded defaults) + dotted overrides -> validated ``Config``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    """YAML file (or none: the embedded defaults; ``base:`` resolved by ``read_recipe``) + dotted
+    overrides -> validated ``Config``."""
+    data: dict[str, Any] = read_recipe(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, list(overrides or [])))
 
 

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import yaml
 from pydantic import Field, ValidationError
 
-from pipeline.config import Config, ConfigError, Section, apply_overrides, config_from_dict, format_errors
+from pipeline.config import (Config, ConfigError, Section, apply_overrides, config_from_dict, format_errors,
+                             read_recipe)
 from pipeline.console import say
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def stage_config(spec: StageSpec, wf: WorkflowConfig, base: Path | None) -> tupl
     its key is computed from (as written: relative paths stay relative)."""
     data: dict[str, Any] = {}
     if spec.config:
-        data = yaml.safe_load(_find_file(spec.config, base).read_text()) or {}
+        data = read_recipe(_find_file(spec.config, base))
     data = apply_overrides(data, list(spec.overrides))
     data.setdefault("tracking", {})
     data["tracking"].update(tracking_uri=wf.tracking_uri, experiment=wf.experiment)

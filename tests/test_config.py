@@ -9,27 +9,175 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from pipeline.config import ConfigError, Config, flat_params, load_config
+from pipeline.config import ConfigError, Config, config_from_dict, deep_merge, flat_params, load_config, read_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# every training recipe (workflow_*.yaml chain stages with their own schema, tested with the workflow)
+# every training recipe (workflow_*.yaml chain stages with their own schema, tested with the workflow;
+# configs/_base/*.yaml are the recipes' shared bases, not recipes: the glob does not descend into it)
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
                  if not os.path.basename(p).startswith("workflow_"))
+# recipes run by a job without --config: their description names the job instead of the file
+JOB_DEFAULTS = {"demo.yaml": "jobs/pretrain.py", "finetune_demo.yaml": "jobs/finetune.py"}
+PRETRAIN = re.compile(r"coatnet_\d_(\w+)\.yaml")
 
 
-def test_all_recipes_load_and_validate():
+def test_there_is_a_recipe_for_every_variant():
     names = {os.path.basename(p) for p in CONFIGS}
     assert "demo.yaml" in names
     for v in range(8):        # the paper's pretraining settings for every variant
         assert any(n.startswith(f"coatnet_{v}_") for n in names), v
-    for path in CONFIGS:
-        cfg = load_config(path)
-        t = cfg.train
-        assert t.micro_batch * t.grad_accum * cfg.scaling.num_workers == t.global_batch, path
-        if not re.fullmatch(r"coatnet_\d_\w+\.yaml", os.path.basename(path)):
-            continue                 # demo and the fine-tuning/workflow recipes: validated above
-        assert t.global_batch == 4096 and t.clip_grad == 1.0 and cfg.model.img_size == 224, path
+    assert not any(n.startswith("_") for n in names)     # bases are not recipes
+    storage_names = [load_config(p).storage.name for p in CONFIGS]     # the same name resumes a run
+    assert len(set(storage_names)) == len(storage_names), sorted(storage_names)
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _get(d, dotted):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return KeyError
+        d = d[part]
+    return d
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_each_recipe_validates(path):
+    """Per recipe: a known variant, the batch invariant, a description that says how to run this
+    file and what to expect; a pretraining recipe is its family's base plus only what it changes."""
+    from models import list_models
+
+    name = os.path.basename(path)
+    cfg = load_config(path)
+    t = cfg.train
+    assert cfg.model.variant in list_models()
+    assert t.micro_batch * t.grad_accum * cfg.scaling.num_workers == t.global_batch
+
+    assert "Run:" in cfg.description and "Expect:" in cfg.description
+    run = cfg.description.split("Run:", 1)[1].split("Expect:", 1)[0]
+    if name in JOB_DEFAULTS:          # the job's default: its source names this file
+        job = JOB_DEFAULTS[name]
+        assert job in run or "make pretrain" in run
+        assert f'"configs", "{name}"' in open(os.path.join(ROOT, job)).read()
+    else:
+        assert f"configs/{name}" in run, run
+
+    raw = yaml.safe_load(open(path))
+    own = {k: v for k, v in raw.items() if k != "base"}
+    m = PRETRAIN.fullmatch(name)
+    if m:
+        assert t.global_batch == 4096 and t.clip_grad == 1.0 and cfg.model.img_size == 224
+        assert raw.get("base") == f"_base/pretrain_{m.group(1)}.yaml"
+        assert {"description", "model", "storage"} <= own.keys()
+        assert {"variant", "drop_path_rate"} <= own["model"].keys() and "name" in own["storage"]
+    if "base" in raw:
+        base = read_recipe(os.path.join(os.path.dirname(path), raw["base"]))
+        merged = config_from_dict(deep_merge(base, own))
+        assert cfg.model_dump(mode="json") == merged.model_dump(mode="json")
+        # a recipe shows only what it changes: nothing it sets repeats its base
+        same = [k for k, v in _leaves(own) if _get(base, k) == v]
+        assert not same, f"{name} repeats its base: {same}"
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_deep_merge_merges_mappings_and_replaces_the_rest():
+    base = {"model": {"variant": "coatnet_0", "img_size": 224}, "data": {"augment": {"crop_scale": [0.08, 1.0],
+            "hflip": 0.5}}, "train": {"callbacks": [{"target": "a:B"}], "lr": 1e-3}}
+    over = {"model": {"img_size": 384}, "data": {"augment": {"crop_scale": [0.5]}},
+            "train": {"callbacks": [], "lr": None}, "description": "x"}
+    merged = deep_merge(base, over)
+    assert merged == {"model": {"variant": "coatnet_0", "img_size": 384},
+                      "data": {"augment": {"crop_scale": [0.5], "hflip": 0.5}},
+                      "train": {"callbacks": [], "lr": None}, "description": "x"}
+    assert base["model"]["img_size"] == 224 and base["data"]["augment"]["crop_scale"] == [0.08, 1.0]  # untouched
+    merged["data"]["augment"]["crop_scale"].append(1.0)
+    assert over["data"]["augment"]["crop_scale"] == [0.5]
+    assert deep_merge({"a": {"b": 1}}, {"a": 2}) == {"a": 2} and deep_merge({"a": 2}, {"a": {"b": 1}}) == {"a": {"b": 1}}
+
+
+def test_recipe_base_chain_of_two_levels(tmp_path):
+    _write(tmp_path / "bases" / "root.yaml", """
+model: {variant: coatnet_0, img_size: 64, drop_path_rate: 0.1}
+data: {root: /data/x, augment: {randaug_n: 2, crop_scale: [0.08, 1.0]}}
+train: {global_batch: 64, micro_batch: 32, steps: 10, lr: 0.001}
+""")
+    _write(tmp_path / "bases" / "family.yaml", """
+base: root.yaml
+data: {augment: {crop_scale: [0.5, 1.0], mixup_alpha: 0.2}}
+train: {lr: 0.002}
+""")
+    recipe = _write(tmp_path / "recipes" / "r.yaml", """
+base: ../bases/family.yaml
+description: mine
+model: {drop_path_rate: 0.3}
+train: {micro_batch: 16, grad_accum: 2}
+""")
+    data = read_recipe(recipe)
+    assert data == {"model": {"variant": "coatnet_0", "img_size": 64, "drop_path_rate": 0.3},
+                    "data": {"root": "/data/x", "augment": {"randaug_n": 2, "crop_scale": [0.5, 1.0],
+                                                            "mixup_alpha": 0.2}},
+                    "train": {"global_batch": 64, "micro_batch": 16, "grad_accum": 2, "steps": 10, "lr": 0.002},
+                    "description": "mine"}
+    cfg = load_config(recipe, ["train.lr=0.004"])         # overrides apply after the bases
+    assert (cfg.model.drop_path_rate, cfg.train.lr, cfg.data.augment.crop_scale) == (0.3, 0.004, (0.5, 1.0))
+
+
+def test_recipe_base_errors_are_one_line_and_name_the_path(tmp_path):
+    a = _write(tmp_path / "a.yaml", "base: b.yaml\nmodel: {img_size: 64}\n")
+    _write(tmp_path / "b.yaml", "base: sub/c.yaml\n")
+    _write(tmp_path / "sub" / "c.yaml", "base: ../a.yaml\n")
+    with pytest.raises(ConfigError, match="base cycle") as e:
+        load_config(a)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in ("a.yaml", "b.yaml", "c.yaml")), msg
+    selfish = _write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"base cycle .*self\.yaml -> .*self\.yaml"):
+        read_recipe(selfish)
+
+    orphan = _write(tmp_path / "orphan.yaml", "base: _base/nope.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(orphan)
+    msg = str(e.value)
+    assert "\n" not in msg and str(orphan) in msg and "_base/nope.yaml does not exist" in msg, msg
+
+    for text, what in [("model: [unclosed\n", "is not valid YAML"), ("- a list\n", "must hold a mapping"),
+                       ("base: [x]\n", "base must be a file path")]:
+        bad = _write(tmp_path / "bad.yaml", text)
+        with pytest.raises(ConfigError, match=what) as e:
+            load_config(bad)
+        assert "\n" not in str(e.value) and str(bad) in str(e.value)
+        parent = _write(tmp_path / "parent.yaml", "base: bad.yaml\n")    # also when it is a base
+        with pytest.raises(ConfigError, match=what):
+            read_recipe(parent)
+
+
+def test_workflow_stage_config_resolves_the_base(tmp_path):
+    from pipeline.workflow import StageSpec, WorkflowConfig, stage_config
+
+    _write(tmp_path / "_base" / "stage.yaml", """
+model: {variant: coatnet_pico, img_size: 32}
+train: {global_batch: 64, micro_batch: 32, steps: 20, lr: 0.003}
+data: {root: data/demo, augment: {crop_scale: [0.5, 1.0]}}
+""")
+    _write(tmp_path / "ft.yaml", "base: _base/stage.yaml\nmodel: {img_size: 64}\ntrain: {steps: 5}\n")
+    wf = WorkflowConfig(storage_path=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    cfg, keyed = stage_config(StageSpec(config="ft.yaml", overrides=["train.lr=0.001"]), wf, tmp_path)
+    assert (cfg.model.variant, cfg.model.img_size, cfg.train.steps, cfg.train.lr) == ("coatnet_pico", 64, 5, 0.001)
+    assert cfg.data.augment.crop_scale == (0.5, 1.0) and cfg.storage.storage_path == str(tmp_path / "runs")
+    assert keyed["model"]["img_size"] == 64 and keyed["train"]["global_batch"] == 64
 
 
 def test_paper_numbers():
