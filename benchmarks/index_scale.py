@@ -80,7 +80,7 @@ def _rss_kib(field: str = "VmRSS") -> int:
 
 
 def _child(conn, plan, buffer_size: int, work: bool) -> None:
-    from pipeline.data.loader import shuffled_positions
+    from pipeline.data.plan import shuffled_positions
 
     if work:
         import numpy as np
@@ -106,8 +106,9 @@ def _forked_private_kib(plan, buffer_size: int, work: bool) -> int:
 
 
 def measure(index_path: str, world_size: int, workers: int, batch_size: int) -> dict[str, float]:
-    import pipeline.data.loader as loader  # torch, numpy, pyarrow imported before the baseline
+    import pipeline.data.loader  # noqa: F401  torch, numpy, pyarrow imported before the baseline
     from pipeline.data.index import ShardIndex
+    from pipeline.data.plan import Generation, PlanConfig, plan_epoch
 
     gc.collect()
     rss0, anon0 = _rss_kib(), _rss_kib("RssAnon")
@@ -119,18 +120,18 @@ def measure(index_path: str, world_size: int, workers: int, batch_size: int) -> 
     t_fingerprint = time.perf_counter() - t0
     gc.collect()
     rss_index, anon_index = _rss_kib() - rss0, _rss_kib("RssAnon") - anon0
-    cfg = loader.PlanConfig(world_size=world_size, rank=world_size // 2, num_streams=workers,
-                            batch_size=batch_size, seed=0, shuffle=True, drop_last=False,
-                            samples_per_epoch=None)
+    cfg = PlanConfig(world_size=world_size, rank=world_size // 2, num_streams=workers,
+                     batch_size=batch_size, seed=0, shuffle=True, drop_last=False,
+                     samples_per_epoch=None)
     t0, c0 = time.perf_counter(), time.process_time()
-    plans = loader.plan_epoch(index, 3, cfg)
+    plans = plan_epoch(index, 3, cfg)
     t_plan, c_plan = time.perf_counter() - t0, time.process_time() - c0
     # An elastic resume: the epoch stopped half way at world_size x workers, continues at half the ranks.
     half = sum(len(p.batch_sizes) for p in plans) // workers // 2
-    before = loader.Generation(world_size, workers, batch_size, False, cfg.shuffle_buffer, (half,) * workers)
+    before = Generation(world_size, workers, batch_size, False, cfg.shuffle_buffer, (half,) * workers)
     resumed = replace(cfg, world_size=max(1, world_size // 2), rank=world_size // 4)
     t0 = time.perf_counter()
-    loader.plan_epoch(index, 3, resumed, [before])
+    plan_epoch(index, 3, resumed, [before])
     t_elastic = time.perf_counter() - t0
     idle = _forked_private_kib(plans[0], cfg.shuffle_buffer, work=False)
     busy = _forked_private_kib(plans[0], cfg.shuffle_buffer, work=True)

@@ -58,8 +58,8 @@ def _peak_mb() -> float:
 def measure(kind: str, path: str, rows: int, row_group: int, whole_rows: int) -> dict:
     import pyarrow.parquet as pq
 
-    from pipeline.data.writer import (ManifestRows, ShardOptions, _Dataset, _plan_parts, _split_takes,
-                                      scan_manifest)
+    from pipeline.data.sources import ManifestRows, scan_manifest
+    from pipeline.data.writer import ShardOptions, _Dataset, _plan_parts, _split_takes
 
     options = ShardOptions()
     part_rows = options.samples_per_shard * options.shards_per_part

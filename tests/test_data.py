@@ -338,11 +338,11 @@ def test_resume_mid_epoch_loses_and_repeats_nothing(uneven, num_workers, stop_af
 
 
 def test_resume_does_not_reopen_consumed_shards(uneven, monkeypatch):
-    import pipeline.data.loader as loader_module
+    import pipeline.data.reader as reader_module
 
     opened = []
-    real_open = loader_module.open_file
-    monkeypatch.setattr(loader_module, "open_file", lambda url, *a, **k: opened.append(url) or real_open(url, *a, **k))
+    real_open = reader_module.open_file
+    monkeypatch.setattr(reader_module, "open_file", lambda url, *a, **k: opened.append(url) or real_open(url, *a, **k))
     make = lambda: StreamingLoader(uneven, batch_size=10, img_size=16, train=False, num_workers=0)
     first = make()
     head = [k for _, batch in zip(range(8), first) for k in batch.keys]    # 80 samples: shards 0-2 and 11 of shard 3

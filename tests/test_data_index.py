@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import DataError, ShardIndex, ShardInfo, ShardTable
-from pipeline.data.loader import PlanConfig, plan_epoch
+from pipeline.data.plan import PlanConfig, plan_epoch
 
 
 def synthetic(root: str, num_shards: int = 10_000) -> ShardIndex:

@@ -17,6 +17,7 @@ from PIL import Image
 from test_data_bad import _jpeg, write_index
 
 import pipeline.data.loader as loader_module
+import pipeline.data.reader as reader_module
 from pipeline.data import (AugmentConfig, DataError, RetryPolicy, ShardIndex, ShardOptions,
                            StreamingLoader, iter_shard_samples, write_demo_shards, write_shards)
 
@@ -140,7 +141,7 @@ def test_corrupt_tar_header_is_reported_as_such_and_not_met_again(demo30, tmp_pa
 
 
 def test_storage_errors_are_retried_for_the_configured_time(demo30, monkeypatch):
-    real_open = loader_module.open_file
+    real_open = reader_module.open_file
     failures = {"left": 3}
 
     def flaky(url, *a, **k):
@@ -149,7 +150,7 @@ def test_storage_errors_are_retried_for_the_configured_time(demo30, monkeypatch)
             raise ConnectionError("connection reset")
         return real_open(url, *a, **k)
 
-    monkeypatch.setattr(loader_module, "open_file", flaky)
+    monkeypatch.setattr(reader_module, "open_file", flaky)
     quick = RetryPolicy(initial_delay_s=0.01, max_delay_s=0.02, timeout_s=5)
     keys = [k for b in _loader(demo30, retry=quick) for k in b.keys]
     assert sorted(keys) == [f"{i:09d}" for i in range(30)]

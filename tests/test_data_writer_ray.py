@@ -22,7 +22,7 @@ from PIL import Image
 from test_pretrain import kill_session
 
 from pipeline.data import ShardIndex, ShardOptions, iter_shard_samples, write_shards
-from pipeline.data.writer import ManifestRows, scan_manifest
+from pipeline.data.sources import ManifestRows, scan_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "eel")

@@ -1,5 +1,6 @@
-"""Reading one shard: webdataset's tar expansion and key grouping, checksum verified first, and
-the per-sample decode to 8-bit RGB.
+"""Reading shards: one shard (webdataset's tar expansion and key grouping, checksum verified first),
+a loader stream's shards in plan order (retried, verified, truncation and corruption counted per
+sample), and the per-sample decode to 8-bit RGB.
 
 The tar stream is parsed by ``webdataset.tariterators.tar_file_iterator`` (members) and
 ``group_by_keys`` (consecutive members sharing the name up to the first dot of the file name form
@@ -14,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
 import numpy as np
@@ -25,7 +28,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline.data.storage import DataError, open_file
+from pipeline.data.plan import StreamPlan
+from pipeline.data.storage import DataError, open_file, resolve_url
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, is_transient
 
@@ -131,6 +135,108 @@ def iter_shard_samples(url: str, *, storage_options: dict[str, Any] | None = Non
                 image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
                 if image is not None:
                     yield ShardSample(key, image, files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a stream's shards (the loader's workers)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample the loader left out (unreadable shard, bad tar, decode or transform failure)."""
+    shard: str      # shard URL as written in the index (relative; never carries credentials)
+    key: str        # sample key, or "#<index in shard>" when the tar ended before it
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.shard} {self.key}: {self.reason}"
+
+
+@dataclass
+class RawSample:
+    """One sample as read from its shard: its entries by extension, not decoded yet."""
+    shard: str
+    key: str
+    files: dict[str, bytes]
+
+
+class StreamReader:
+    """Reads a stream's shards in order; yields (position, RawSample | SkippedSample) for every
+    position not in ``consumed``; consumed positions are never decoded and shards with no wanted
+    position never opened."""
+
+    def __init__(self, root: str, plan: StreamPlan, consumed: set[int], retry: RetryPolicy,
+                 verify_checksums: bool, storage_options: dict[str, Any] | None) -> None:
+        self.root = root
+        self.plan = plan
+        self.consumed = consumed
+        self.retry = retry
+        self.verify_checksums = verify_checksums
+        self.storage_options = storage_options
+        self.retries = 0
+
+    def __iter__(self) -> Iterator[tuple[int, RawSample | SkippedSample]]:
+        plan = self.plan
+        bounds = np.flatnonzero(np.diff(plan.position_shard, prepend=-1, append=-2))
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            wanted = {int(plan.position_offset[p]): p for p in range(a, b) if p not in self.consumed}
+            self.consumed.difference_update(range(a, b))
+            if wanted:
+                yield from self._read_shard(int(plan.position_shard[a]), wanted)
+
+    def _open(self, url: str, sha256: str | None, expected_size: int) -> IO[bytes]:
+        f = open_file(url, "rb", self.storage_options)
+        if sha256 is None or not self.verify_checksums:
+            return f
+        with f:
+            return fetch_verified(f, sha256, expected_size)
+
+    def _read_shard(self, row: int, wanted: dict[int, int]) -> Iterator[tuple[int, RawSample | SkippedSample]]:
+        shards = self.plan.shards
+        name = shards.url(row)
+        url = resolve_url(self.root, name)
+        sha256 = shards.sha256_hex(row)
+        expected_size = int(shards.size_bytes[row])
+        todo = sorted(wanted)                 # in-shard indices still to yield
+        delays = self.retry.delays()
+        while todo:
+            reason = None
+            try:
+                with self._open(url, sha256, expected_size) as f:
+                    reader = CountingReader(f)
+                    seen = 0
+                    for i, (key, files) in enumerate(tar_samples(reader, redact(url))):
+                        seen = i + 1
+                        if i == todo[0]:
+                            todo.pop(0)
+                            yield wanted[i], RawSample(name, key, files)
+                            if not todo:
+                                break
+                    if todo:
+                        size = reader.drain()
+                        if 0 <= expected_size == size:
+                            reason = f"corrupt tar header after sample {seen} (the file has its full size)"
+                        else:
+                            reason = (f"shard ended after {seen} of {int(shards.num_samples[row])} "
+                                      f"samples (truncated: {size} of {expected_size} bytes)")
+            except ChecksumMismatch as exc:
+                reason = (f"checksum mismatch for shard {redact(url)}: sha256 {exc.actual} but the "
+                          f"index says {exc.expected}; the shard is skipped whole")
+            except (tarfile.TarError, EOFError) as exc:
+                reason = f"truncated or corrupt tar ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            except ValueError as exc:        # webdataset: a duplicate entry in one sample
+                reason = f"corrupt tar ({exc})"
+            except Exception as exc:
+                delay = next(delays, None) if is_transient(exc) else None
+                if delay is not None:
+                    self.retries += 1
+                    time.sleep(delay)
+                    continue
+                reason = f"shard failed to open or read ({type(exc).__name__}: {exc})"
+            if reason is not None:
+                for i in todo:
+                    yield wanted[i], SkippedSample(name, f"#{i}", reason)
+                todo = []
 
 
 # ---------------------------------------------------------------------------------------------
