@@ -1,6 +1,7 @@
 """Driver memory when turning a ZeRO-3 checkpoint into fp32 weights: the whole state dict at once
-(`checkpoint.consolidate`, what the first build did) vs streamed into safetensors shards
-(`checkpoint.consolidate_to`, what `pipeline.launch` does now); and the fine-tuning driver's work
+(`weights.consolidate`, what the first build did) vs streamed into safetensors shards
+(`weights.consolidate_to`: what a fine-tuning from an intermediate checkpoint does; the final weights
+are exported by the workers); and the fine-tuning driver's work
 on the same checkpoint at 384 px: the first build's path (whole state dict, tables resized on the
 driver, weights written back) vs today's (`finetune.resolve_source` + `stage_init`: streamed
 consolidation, a meta-device check from the safetensors headers, the files copied to init/).
@@ -63,7 +64,7 @@ def _measure(mode: str, ckpt: str, out: str) -> None:
     import deepspeed  # noqa: F401
     import mlflow  # noqa: F401 - the driver of a job has it loaded
 
-    from pipeline import checkpoint, finetune  # finetune imported in the baseline, as on the driver
+    from pipeline import checkpoint, finetune, weights  # finetune imported in the baseline, as on the driver
 
     import threading
 
@@ -82,20 +83,20 @@ def _measure(mode: str, ckpt: str, out: str) -> None:
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.time()
     if mode == "whole":
-        sd = checkpoint.consolidate(ckpt)
+        sd = weights.consolidate(ckpt)
         n = sum(v.numel() for v in sd.values())
     elif mode == "streamed":
-        checkpoint.consolidate_to(ckpt, out, max_shard_size="512MB")
+        weights.consolidate_to(ckpt, out, max_shard_bytes=512 << 20)
         n = len(os.listdir(out))
     elif mode == "finetune-whole":     # the first build: every tensor on the driver, then written
         import models
 
         variant = checkpoint.read_state(ckpt).config["model"]["variant"]
-        sd = checkpoint.consolidate(ckpt)
+        sd = weights.consolidate(ckpt)
         net = models.create_model(variant, num_classes=1000, img_size=384, device="meta")
-        sd, _ = checkpoint.adapt_state_dict(net, sd, img_size=384)
-        checkpoint.save_weights(sd, out)
-        n = len(checkpoint.weight_files(out))
+        sd, _ = weights.adapt_state_dict(net, sd, img_size=384)
+        weights.write_weights(out, sd.items())
+        n = len(weights.weight_files(out))
     else:                              # today: files and headers only
         from pipeline.config import load_config
 
@@ -105,7 +106,7 @@ def _measure(mode: str, ckpt: str, out: str) -> None:
                            f"storage.storage_path={out}", "storage.name=ft"])
         with finetune.resolve_source(ckpt) as source:
             staged, _ = finetune.stage_init(cfg, source)
-        n = len(checkpoint.weight_files(staged.init.from_checkpoint))
+        n = len(weights.weight_files(staged.init.from_checkpoint))
     done.set()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"mode": mode, "baseline_mb": base / 1024, "peak_mb": peak / 1024,

@@ -181,17 +181,28 @@ def swapped_in(engine, partitions_: list[torch.Tensor]) -> Iterator[None]:
         load(saved)
 
 
-def gathered_weights(engine, *, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """The module's full tensors, one at a time: each parameter gathered from its ZeRO-3 partitions
-    (every rank must iterate: the gather is collective), then the buffers a state dict holds. Rank 0
-    gets (name, fp32 CPU tensor) pairs; the other ranks get nothing but take part in the gathers."""
-    import deepspeed
+def gathered_weights(engine, *, rank: int, ema: list[torch.Tensor] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's full fp32 tensors, one parameter at a time: the optimizer's fp32 master weights
+    (DeepSpeed's ``safe_get_full_fp32_param``, not the bf16 copies the forward uses) or, with ``ema``,
+    the EMA's fp32 partitions (``partitions()`` order) all-gathered; then the buffers a state dict
+    holds. Every rank must iterate (each gather is collective); rank 0 gets (name, CPU tensor)
+    pairs, the others nothing."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
+    ema_parts = iter(ema or ())
     for name, p in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p]):
-            tensor = p.detach().to("cpu", torch.float32).clone() if rank == 0 else None
-        if tensor is not None:
-            yield name, tensor
+        if not hasattr(p, "ds_tensor"):                  # not partitioned (no ZeRO-3 on it)
+            full = p
+        elif ema is None:
+            full = safe_get_full_fp32_param(p)
+        else:
+            part = next(ema_parts).to(p.ds_tensor.device, torch.float32).contiguous()
+            gathered = torch.empty(dist.get_world_size() * part.numel(), dtype=torch.float32, device=part.device)
+            dist.all_gather_into_tensor(gathered, part)
+            full = gathered[:p.ds_numel].view(p.ds_shape)
+        if rank == 0:
+            yield name, full.detach().to("cpu", torch.float32)
     if rank == 0:                          # buffers are not partitioned
         for prefix, module in engine.module.named_modules():
             for bname, b in module._buffers.items():
@@ -199,13 +210,14 @@ def gathered_weights(engine, *, rank: int) -> Iterator[tuple[str, torch.Tensor]]
                     yield f"{prefix}.{bname}" if prefix else bname, b.detach().cpu()
 
 
-def export_weights(engine, out_dir: str, *, rank: int) -> None:
-    """The module's full weights as fp32 safetensors in ``out_dir`` (``pipeline.weights`` layout,
-    written by rank 0), one parameter gathered at a time: never the whole model in memory at once.
-    Every rank calls it."""
+def export_weights(engine, out_dir: str, *, rank: int, ema: list[torch.Tensor] | None = None) -> None:
+    """The model's full fp32 weights (or, with ``ema``, the EMA model) as safetensors in ``out_dir``
+    (``pipeline.weights`` layout, written by rank 0), one parameter gathered at a time: never the
+    whole model in memory at once, and no consolidation of checkpoint files on a driver. Every rank
+    calls it."""
     from pipeline.weights import write_weights
 
-    tensors = gathered_weights(engine, rank=rank)
+    tensors = gathered_weights(engine, rank=rank, ema=ema)
     if rank == 0:
         write_weights(out_dir, tensors)
     else:

@@ -12,6 +12,7 @@ A fine-tuning stage calls ``run(cfg, stage="finetune")`` with its own ``storage.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -231,19 +232,28 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
 
 
 def _publish_weights(cfg: Config, final_checkpoint, run_id: str, ck_path: str) -> tuple[int, str]:
-    """Stream the final ZeRO-3 checkpoint into fp32 safetensors (``weights/``; ``weights_ema/`` as
-    the workers exported it), log both to the MLflow run and finish it; keep them beside the run on
-    local storage. Returns (the checkpoint's step, where the weights are: a folder or runs:/ URI)."""
+    """Log the final model to the MLflow run and finish it: the ``weights/`` (and, with an EMA,
+    ``weights_ema/``) folders the workers exported into the final checkpoint - only those are
+    fetched from storage, no ZeRO shard is read on the driver - and keep them beside the run on local
+    storage. Returns (the checkpoint's step, where the weights are: a folder or runs:/ URI)."""
+    import pyarrow.fs as pafs
+
     uri = cfg.tracking.tracking_uri
     out_dir = tempfile.mkdtemp(prefix="weights-")
     try:
-        with final_checkpoint.as_directory() as d:
-            state = checkpoint.read_state(d)
-            consolidate_to(d, os.path.join(out_dir, WEIGHTS_DIR), tag=checkpoint.DS_TAG)
-            if os.path.isdir(os.path.join(d, EMA_WEIGHTS_DIR)):     # with train.ema_decay
-                shutil.copytree(os.path.join(d, EMA_WEIGHTS_DIR), os.path.join(out_dir, EMA_WEIGHTS_DIR))
-        logged = {name: os.path.join(out_dir, name) for name in (WEIGHTS_DIR, EMA_WEIGHTS_DIR)
-                  if os.path.isdir(os.path.join(out_dir, name))}
+        fs, root = final_checkpoint.filesystem, final_checkpoint.path.rstrip("/")
+        with fs.open_input_stream(f"{root}/{checkpoint.STATE_FILE}") as f:
+            state = checkpoint.TrainState.from_dict(json.loads(f.read()))
+        logged = {}
+        for name in (WEIGHTS_DIR, EMA_WEIGHTS_DIR):
+            if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.Directory:
+                logged[name] = os.path.join(out_dir, name)
+                os.makedirs(logged[name])
+                pafs.copy_files(f"{root}/{name}", logged[name], source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+        if WEIGHTS_DIR not in logged:       # a checkpoint from before the workers exported weights
+            with final_checkpoint.as_directory() as d:
+                logged[WEIGHTS_DIR] = consolidate_to(d, os.path.join(out_dir, WEIGHTS_DIR), tag=checkpoint.DS_TAG)
         call_with_retry(lambda: tracking.finish_run(uri, run_id, weights_dirs=logged, resolved=resolved_dict(cfg),
                                                     tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"}),
                         RetryPolicy(timeout_s=cfg.tracking.outage_timeout_s, initial_delay_s=1.0, max_delay_s=30.0),

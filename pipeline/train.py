@@ -29,7 +29,7 @@ from pipeline.engine import build_engine, compute_dtype, deepspeed_config, expor
 from pipeline.evaluate import Scores
 from pipeline.redact import redact, redact_values
 from pipeline.tracking import MetricsLogger, SystemMetrics
-from pipeline.weights import EMA_WEIGHTS_DIR
+from pipeline.weights import EMA_WEIGHTS_DIR, WEIGHTS_DIR
 
 
 @dataclass
@@ -284,9 +284,10 @@ def train_loop_per_worker(task: TrainTask) -> None:
                            label_type=task.label_type, skipped_samples=skipped_total(),
                            mlflow_run_id=task.mlflow_run_id, world_size=world)
         folder = checkpoint.save(engine, rank=rank, state=state, run_key=run_key, ema=ema)
-        if ema is not None and step == total:     # the EMA model, whole, for the driver to log
-            with swapped_in(engine, ema):
-                export_weights(engine, os.path.join(folder, EMA_WEIGHTS_DIR), rank=rank)
+        if step == total:        # the final model, whole, for the driver to publish as it is
+            export_weights(engine, os.path.join(folder, WEIGHTS_DIR), rank=rank)
+            if ema is not None:
+                export_weights(engine, os.path.join(folder, EMA_WEIGHTS_DIR), rank=rank, ema=ema)
         for cb in callbacks:
             cb.on_save(step, folder)
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(folder),
