@@ -3,6 +3,7 @@ overrides (``train.lr=1e-3``), validated before any worker starts.
 
     cfg = load_config("configs/demo.yaml", ["train.steps=50", "scaling.num_workers=2"])
     cfg.train.global_batch == cfg.train.micro_batch * cfg.train.grad_accum * cfg.scaling.num_workers
+    # (train.grad_accum is derived from the other three unless set)
 
 ``ConfigError`` carries a readable message naming the offending field(s); jobs print it and exit 2.
 ``resolved_dict(cfg)`` is the JSON-able resolved config (what goes into checkpoints and MLflow);
@@ -103,7 +104,7 @@ class CallbackSpec(Section):
 class TrainConfig(Section):
     global_batch: int = Field(64, ge=1)
     micro_batch: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int | None = Field(None, ge=1)    # None: global_batch / (micro_batch x scaling.num_workers)
     steps: int | None = Field(None, ge=1)          # optimizer steps; exclusive with epochs
     epochs: float | None = Field(None, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -196,12 +197,20 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _batch(self) -> Config:
+        """Gradient accumulation follows from the global batch, the micro batch and the worker count
+        (as torchtitan derives it), so changing ``scaling.num_workers`` is one knob; set, it must agree."""
         t, w = self.train, self.scaling.num_workers
-        if t.micro_batch * t.grad_accum * w != t.global_batch:
+        if t.grad_accum is None:
+            if t.global_batch % (t.micro_batch * w):
+                raise ValueError(
+                    f"train.global_batch ({t.global_batch}) is not a multiple of train.micro_batch "
+                    f"({t.micro_batch}) x scaling.num_workers ({w}) = {t.micro_batch * w}")
+            t.grad_accum = t.global_batch // (t.micro_batch * w)
+        elif t.micro_batch * t.grad_accum * w != t.global_batch:
             raise ValueError(
                 f"train.micro_batch ({t.micro_batch}) x train.grad_accum ({t.grad_accum}) x "
                 f"scaling.num_workers ({w}) = {t.micro_batch * t.grad_accum * w} must equal "
-                f"train.global_batch ({t.global_batch})")
+                f"train.global_batch ({t.global_batch}); leave train.grad_accum unset to derive it")
         return self
 
 

@@ -201,6 +201,18 @@ def test_overrides_are_typed():
     assert c.deepspeed.extra == {"zero_optimization": {"stage3_max_live_parameters": 5}}
 
 
+def test_gradient_accumulation_follows_the_worker_count():
+    """Changing the worker count is one knob: accumulation is derived from the global batch, the
+    micro batch and the workers (demo: 64 = 32 x accumulation x workers); set by hand, it must agree."""
+    demo = os.path.join(ROOT, "configs", "demo.yaml")
+    assert [load_config(demo, [f"scaling.num_workers={w}"]).train.grad_accum for w in (1, 2)] == [2, 1]
+    assert load_config(demo, ["scaling.num_workers=1", "train.grad_accum=2"]).train.grad_accum == 2
+    with pytest.raises(ConfigError, match=r"train.grad_accum \(1\).*must equal train.global_batch.*unset"):
+        load_config(demo, ["scaling.num_workers=1", "train.grad_accum=1"])
+    with pytest.raises(ConfigError, match=r"train.global_batch \(64\) is not a multiple of.*= 96"):
+        load_config(demo, ["scaling.num_workers=3"])
+
+
 @pytest.mark.parametrize("overrides, field", [
     (["train.micro_batch=30"], "train.global_batch"),
     (["train.lr=-1"], "train.lr"),
