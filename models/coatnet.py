@@ -533,10 +533,11 @@ class CoAtNet(nn.Module):
     def compile_blocks(self, enable: bool = True, **compile_kwargs: Any) -> None:
         """torch.compile each block's ``forward`` in place (``enable=False`` restores eager).
 
-        Only ``forward`` is compiled, not ``__call__``: hooks on a block (DeepSpeed ZeRO-3 gathers
-        parameters in forward pre-hooks) keep running eagerly around its compiled graph. With
-        ZeRO-3, mark the blocks as leaf modules so that no hooks sit inside a compiled graph:
-        ``deepspeed.utils.set_z3_leaf_modules(model, [type(b) for b in model.blocks()])``.
+        Only ``forward`` is compiled, not ``__call__``: hooks on a block keep running eagerly
+        around its compiled graph. For a model on one device (inference, benchmarks). Not for
+        DeepSpeed ZeRO-3 training: there ``pipeline.engine`` compiles the engine with DeepSpeed's
+        own ``engine.compile()``, which knows where ZeRO-3 gathers and releases parameters
+        (compiling the blocks under ZeRO-3 broke its backward on released parameters).
         """
         for block in self.blocks():
             block.__dict__.pop("forward", None)  # back to the class's forward

@@ -28,13 +28,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import weakref
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-import torch
 
 import models
+from pipeline.activations import ActivationModel, activation_model
 
 GiB = 1024**3
 TPUV3_CORE_PEAK_FLOPS = 123e12 / 2  # TPUv3 chip: 123 TFLOP/s bf16 peak, 2 cores per chip
@@ -160,176 +159,6 @@ def model_facts(variant: str, img_size: int, param_persistence_threshold: int = 
         persistent_params=sum(n for n in numels if n <= param_persistence_threshold),
         largest_param=max(numels),
         macs_per_image=count_macs(variant, img_size),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Activation memory, measured with saved-tensor hooks
-# --------------------------------------------------------------------------------------------
-
-
-class _Packed:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-class SavedTensorMeter:
-    """Counts the bytes autograd keeps for backward: every tensor packed by a saved-tensor hook,
-    deduplicated by storage, minus parameters (ZeRO-3 accounts for those separately). Tracks the
-    live total (a storage is freed when the last node saving it is released in backward) and its
-    peak. Works on the meta device (shapes only) and on CPU with the same result."""
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self._exclude = {t.untyped_storage()._cdata for t in exclude}
-        self._refs: dict[int, list[int]] = {}
-        self.live = 0
-        self.peak = 0
-
-    def pack(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self._exclude:
-            return t
-        entry = self._refs.get(key)
-        if entry is None:
-            self._refs[key] = [storage.nbytes(), 1]
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-        else:
-            entry[1] += 1
-        packed = _Packed(t)
-        weakref.finalize(packed, self._release, key)
-        return packed
-
-    def _release(self, key: int) -> None:
-        entry = self._refs[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._refs[key]
-
-    @staticmethod
-    def unpack(packed):
-        return packed.tensor if isinstance(packed, _Packed) else packed
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-@dataclass(frozen=True)
-class ActivationMeasurement:
-    batch_size: int
-    saved_bytes: int  # peak bytes saved for backward, no checkpointing
-    checkpointed_bytes: int  # estimated peak with the model's activation checkpointing
-    per_module: dict = field(default_factory=dict, repr=False, compare=False)
-
-
-def _tensor_bytes(objs) -> int:
-    seen, total = set(), 0
-    for o in objs:
-        if isinstance(o, torch.Tensor):
-            s = o.untyped_storage()
-            if s._cdata not in seen:
-                seen.add(s._cdata)
-                total += s.nbytes()
-    return total
-
-
-def _run_measured(model: torch.nn.Module, x: torch.Tensor):
-    """Forward + backward under a SavedTensorMeter with per-module bookkeeping: bytes saved inside
-    each module (first call) and the bytes of its tensor inputs."""
-    meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
-    stats: dict[str, list[int]] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if not name:
-            continue
-
-        def pre(m, args, _name=name):
-            if _name not in stats:
-                stats[_name] = [meter.live, -1, _tensor_bytes(args)]
-
-        def post(m, args, out, _name=name):
-            s = stats[_name]
-            if s[1] < 0:
-                s[1] = meter.live - s[0]
-
-        handles.append(mod.register_forward_pre_hook(pre))
-        handles.append(mod.register_forward_hook(post))
-    try:
-        with meter.hooks():
-            out = model(x)
-            out.float().sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-    return meter, {k: (v[1], v[2]) for k, v in stats.items()}
-
-
-def measure_activations(model: torch.nn.Module, batch_size: int, img_size: int,
-                        dtype: torch.dtype = torch.bfloat16) -> ActivationMeasurement:
-    """Measure activation memory of one forward+backward of ``model`` (in train mode, cast to
-    ``dtype`` as DeepSpeed's bf16 mode does) at ``batch_size`` x ``img_size``, on the model's
-    device (meta: shapes only; cpu: a real run), with and without activation checkpointing."""
-    device = next(model.parameters()).device
-    model = model.to(dtype).train()
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device, dtype=dtype)
-
-    if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(False)
-    plain, per_plain = _run_measured(model, x)
-    model.zero_grad(set_to_none=True)
-
-    ckpt_bytes = plain.peak
-    if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
-        ckpt, per_ckpt = _run_measured(model, x)
-        model.set_grad_checkpointing(False)
-        model.zero_grad(set_to_none=True)
-        # Checkpointed regions: modules that saved bytes without checkpointing and none with it
-        # (their saved tensors go to torch.utils.checkpoint instead); keep the outermost ones.
-        regions = [n for n, (saved, _) in per_plain.items()
-                   if saved > 0 and per_ckpt.get(n, (saved, 0))[0] == 0]
-        outer = [n for n in regions if not any(n.startswith(r + ".") for r in regions)]
-        if outer:
-            inputs = sum(per_plain[n][1] for n in outer)
-            largest = max(per_plain[n][0] for n in outer)
-            ckpt_bytes = ckpt.peak + inputs + largest
-        else:
-            ckpt_bytes = ckpt.peak
-    return ActivationMeasurement(batch_size, plain.peak, ckpt_bytes, per_plain)
-
-
-@dataclass(frozen=True)
-class ActivationModel:
-    """Activation bytes = fixed + per_image x micro_batch (fitted from two measured batch sizes)."""
-
-    fixed: float
-    per_image: float
-    fixed_ckpt: float
-    per_image_ckpt: float
-
-    def bytes(self, micro_batch: int, checkpointing: bool) -> float:
-        if checkpointing:
-            return self.fixed_ckpt + self.per_image_ckpt * micro_batch
-        return self.fixed + self.per_image * micro_batch
-
-
-@functools.lru_cache(maxsize=64)
-def activation_model(variant: str, img_size: int, batches: tuple[int, int] = (1, 2)) -> ActivationModel:
-    """Measure the actual variant at the actual resolution on the meta device at two batch sizes
-    and fit bytes = a + b x batch (activations are linear in batch; the intercept is the few
-    batch-independent saved tensors, e.g. relative-position bias tables)."""
-    b0, b1 = batches
-    m0 = measure_activations(models.create_model(variant, img_size=img_size, device="meta"), b0, img_size)
-    m1 = measure_activations(models.create_model(variant, img_size=img_size, device="meta"), b1, img_size)
-    slope = (m1.saved_bytes - m0.saved_bytes) / (b1 - b0)
-    slope_c = (m1.checkpointed_bytes - m0.checkpointed_bytes) / (b1 - b0)
-    return ActivationModel(
-        fixed=max(m0.saved_bytes - slope * b0, 0.0), per_image=slope,
-        fixed_ckpt=max(m0.checkpointed_bytes - slope_c * b0, 0.0), per_image_ckpt=slope_c,
     )
 
 

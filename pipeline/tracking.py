@@ -75,10 +75,11 @@ class MetricsLogger:
     on the server: each attempt is one quick request (``fast_fail_env``)."""
 
     def __init__(self, uri: str, run_id: str | None, enabled: bool = True, max_pending: int = 200_000,
-                 say=print) -> None:
+                 say=print, mlflow_client=None) -> None:
+        """``mlflow_client``: an MlflowClient (default: one for ``uri``)."""
         self.enabled = enabled and run_id is not None
         self.run_id = run_id
-        self._c = client(uri) if self.enabled else None
+        self._c = (mlflow_client or client(uri)) if self.enabled else None
         self.pending: list = []
         self.dropped = 0
         self.max_pending = max_pending

@@ -219,20 +219,33 @@ class WorkflowResult:
 # The stage runner and the stages
 # --------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TrainingStage:
+    """A training stage of the plan: its name (``pretrain``, ``finetune384``, ``finetune512-1``...),
+    its config and its key (a hash of what it computes from: its config and its inputs' keys)."""
+
+    name: str
+    config: Config
+    key: str
+
+
 @dataclass
 class Plan:
     """Every stage's config and key, computed before anything runs (a bad config stops here)."""
 
     wf: WorkflowConfig
     base: Path | None
-    pretrain: tuple[Config, str] | None            # (config, key)
-    pretrain_key: str
-    finetune: list[tuple[str, Config, str]]         # (stage name, config, key)
+    pretrain: TrainingStage | None
+    pretrain_key: str                               # the pretraining stage's, or pretrained_from's
+    finetune: list[TrainingStage]
 
     @property
     def key(self) -> str:
         return key_of(self.wf.model_dump(mode="json", exclude={"description"}), self.pretrain_key,
-                      [k for _, _, k in self.finetune])
+                      [stage.key for stage in self.finetune])
+
+    def finetune_stage(self, name: str) -> TrainingStage:
+        return next(stage for stage in self.finetune if stage.name == name)
 
 
 def plan_stages(wf: WorkflowConfig, base: Path | None = None) -> Plan:
@@ -243,14 +256,14 @@ def plan_stages(wf: WorkflowConfig, base: Path | None = None) -> Plan:
     pretrain = None
     if wf.pretrain is not None:
         cfg, keyed = stage_config(wf.pretrain, wf, base)
-        pretrain = (cfg, key_of("pretrain", keyed))
-    pre_key = pretrain[1] if pretrain else key_of("pretrained_from", wf.pretrained_from)
-    ft = []
+        pretrain = TrainingStage("pretrain", cfg, key_of("pretrain", keyed))
+    pre_key = pretrain.key if pretrain else key_of("pretrained_from", wf.pretrained_from)
+    finetune = []
     for i, spec in enumerate(wf.finetune):
         cfg, keyed = stage_config(spec, wf, base)
         name = f"finetune{cfg.model.img_size}" + (f"-{i}" if len(wf.finetune) > 1 else "")
-        ft.append((name, cfg, key_of("finetune", keyed, pre_key)))
-    return Plan(wf, base, pretrain, pre_key, ft)
+        finetune.append(TrainingStage(name, cfg, key_of("finetune", keyed, pre_key)))
+    return Plan(wf, base, pretrain, pre_key, finetune)
 
 
 class Runner:
@@ -292,12 +305,13 @@ class Runner:
         return outputs
 
 
-def _train(runner: Runner, wf: WorkflowConfig, name: str, key: str, cfg: Config, source=None) -> dict[str, Any]:
+def _train(runner: Runner, wf: WorkflowConfig, stage: TrainingStage, source=None) -> dict[str, Any]:
     """A Ray/DeepSpeed training stage (pretrain or a fine-tuning), resumed when interrupted."""
     from pipeline import launch
     from pipeline.finetune import run_finetune
 
-    cfg = cfg.model_copy(deep=True)
+    name, key = stage.name, stage.key
+    cfg = stage.config.model_copy(deep=True)
     cfg.storage.name = f"{wf.name}-{name}-{key[:10]}"
     cfg.tracking.run_name = name
     rcfg, _ = launch.prepare(cfg)
@@ -337,7 +351,8 @@ def _evaluate(plan: Plan, result: WorkflowResult, source, val: str, val_index) -
     metric = PRIMARY[val_index.label_type]
     scores: dict[str, dict] = {}
     pretrained = None                  # the source's weights, read once for every baseline
-    for stage, cfg, _ in plan.finetune:
+    for training in plan.finetune:
+        stage, cfg = training.name, training.config
         spec = spec_for(cfg, val_index)
         model = spec.build()
         with resolve_source(result.stages[stage].run_id, ema=plan.wf.registry.use_ema) as tuned:
@@ -363,7 +378,7 @@ def _register(plan: Plan, result: WorkflowResult, run_id: str, pick: str, val: s
     from pipeline.registry import TAG_VAL_DATA, log_model
 
     wf = plan.wf
-    cfg = next(c for s, c, _ in plan.finetune if s == pick)
+    cfg = plan.finetune_stage(pick).config
     ev = result.outputs("evaluate")
     score = ev["scores"][pick][ev["metric"]]
     tags = {TAG_VAL_DATA: val, "workflow.run": result.parent_run_id, "workflow.stage": pick,
@@ -409,25 +424,23 @@ def run_workflow(wf: WorkflowConfig, base: Path | None = None) -> WorkflowResult
     runner = Runner(book, result)
     with runner.ray:
         if plan.pretrain is not None:
-            cfg, key = plan.pretrain
-            runner.stage("pretrain", key, lambda _: _train(runner, wf, "pretrain", key, cfg), driver_side=False)
+            runner.stage("pretrain", plan.pretrain.key, lambda _: _train(runner, wf, plan.pretrain), driver_side=False)
             source_ref = result.stages["pretrain"].run_id
         else:
             source_ref = wf.pretrained_from
         source = resolve_source(source_ref, tracking_uri=uri)
-        for name, cfg, key in plan.finetune:
-            runner.stage(name, key, lambda _, n=name, c=cfg, k=key: _train(runner, wf, n, k, c, source),
-                         driver_side=False)
+        for stage in plan.finetune:
+            runner.stage(stage.name, stage.key, lambda _, s=stage: _train(runner, wf, s, source), driver_side=False)
 
-        last_ft = plan.finetune[-1][0]
+        last_ft = plan.finetune[-1].name
         val = wf.evaluate.val or result.outputs(last_ft)["val"]
         val_index = ShardIndex.load(val)
-        ev_key = key_of("evaluate", [k for _, _, k in plan.finetune], val_index.fingerprint(),
+        ev_key = key_of("evaluate", [stage.key for stage in plan.finetune], val_index.fingerprint(),
                         wf.evaluate.model_dump())
         runner.stage("evaluate", ev_key, lambda _: _evaluate(plan, result, source, val, val_index))
 
         ev = result.outputs("evaluate")
-        names = [s for s, _, _ in plan.finetune]
+        names = [stage.name for stage in plan.finetune]
         pick = (max(names, key=lambda s: ev["scores"][s][ev["metric"]]) if wf.registry.select == "best"
                 else names[-1])
         reg_key = key_of("register", ev_key, pick, wf.registry.name)
