@@ -8,6 +8,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # DeepSpeed JIT-compiles a small CPU comm op on first use; share the cache between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# The suite runs on two pytest-xdist processes: one runs the end-to-end job files one after
+# another, the other every other file meanwhile (the scheduler is in tests/conftest.py).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --no-loadscope-reorder
 
 .PHONY: venv pretrain test test-fast bench clean
 
@@ -23,10 +27,10 @@ pretrain: $(STAMP)
 	$(PY) jobs/pretrain.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

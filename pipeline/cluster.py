@@ -39,14 +39,18 @@ def ray_session(num_cpus: float | None = None) -> Iterator[None]:
         yield
         return
     tmp = None
+    # every process of the job (Ray Train's controller too, which opens the run's storage) gets
+    # what the driver was given; on a cluster its other processes do not share the driver's env
+    job_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, configure_logging=False)
+        ray.init(runtime_env=job_env, log_to_driver=True, configure_logging=False)
     else:
         # short (unix socket paths < 107 chars), and named by this pid so that whoever SIGKILLs a
         # driver (which then cannot clean up) can find and remove its Ray's files
         tmp = tempfile.mkdtemp(prefix=f"{PRIVATE_RAY_PREFIX}{os.getpid()}-", dir="/tmp")
         ray.init(address="local", num_cpus=max(int(math.ceil(num_cpus or 0)), os.cpu_count() or 1),
-                 _temp_dir=tmp, include_dashboard=False, log_to_driver=True, configure_logging=False)
+                 runtime_env=job_env, _temp_dir=tmp, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
     try:
         yield
     finally:

@@ -2,22 +2,67 @@
 
 - ``s3_endpoint``: moto's ThreadedMotoServer, a real S3 HTTP endpoint on 127.0.0.1,
   with credentials and endpoint exported the standard way (AWS_*), as s3fs's own tests do.
-- ``ray_local``: a private local Ray instance (own temp dir, never attaches to /tmp/ray).
+- ``ray_cluster``: a Ray head (``ray start --head``, token authentication on, own ports and temp
+  dir) that the end-to-end jobs attach to through RAY_ADDRESS, as they would to a user's cluster;
+  one per test session (per xdist worker).
+- ``ray_local``: a private local Ray instance in this process (own temp dir, never attaches to /tmp/ray).
 - ``mlflow_uri``: a fresh SQLite tracking store.
+
+Helpers the tests share are in ``helpers.py``; the probes jobs run in their workers are in
+``train_callbacks.py``. Under ``make test`` the suite runs on two xdist workers: one runs the files
+with multi-process jobs one after another (``JOB_FILES``), the other everything else meanwhile.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 
 import pytest
+from helpers import RayHead, free_port
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch_extensions"))
 # Keep Ray from attaching to a cluster another process on this shared host started.
 os.environ.pop("RAY_ADDRESS", None)
+# Ray Train's controller polls its workers every 2 s by default: the tests' runs are seconds long,
+# so they would mostly wait on polls. Jobs inherit this and pass it on to their controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+# Files whose tests run jobs of several processes (Ray Train workers, DeepSpeed ranks on gloo).
+# Two such jobs at once on 2 cores slow each other many-fold (a rank waiting in a collective spins
+# on the core its descheduled peer needs: 13 s alone became 158 s), so they run one after another
+# on one xdist worker, longest first; every other file runs on the other worker meanwhile.
+JOB_FILES = ["test_workflow.py", "test_pretrain_job.py", "test_resume_rerun.py", "test_resume_worker_count.py",
+             "test_data_writer_ray.py", "test_capacity.py"]
+JOB_LANE = "end-to-end jobs"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The job files first, in JOB_FILES order (a file's own order kept): xdist hands them out first."""
+    items.sort(key=lambda item: (JOB_FILES.index(item.path.name) if item.path.name in JOB_FILES
+                                 else len(JOB_FILES)))
+
+
+def pytest_runtest_setup(item):
+    """Under xdist, the worker that runs the other files gives way to the job lane: its jobs are
+    latency-bound (ranks wait on each other), the quick tests only need the CPU the jobs leave."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and item.path.name not in JOB_FILES and os.getpriority(
+            os.PRIO_PROCESS, 0) < 10:
+        os.setpriority(os.PRIO_PROCESS, 0, 10)       # once; inherited by what its tests start
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``make test``'s scheduler: the job files are one unit of work (one worker, one after another),
+    every other file a unit of its own (module fixtures built once)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class JobLane(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return JOB_LANE if path.rsplit("/", 1)[-1] in JOB_FILES else path
+    return JobLane(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,12 +73,6 @@ def _job_logs():
     os.environ["COATNET_LOG_DIR"] = log_dir
     yield log_dir
     shutil.rmtree(log_dir, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +115,14 @@ def short_tmp():
     d = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A Ray head for the session's end-to-end jobs (see ``helpers.RayHead``)."""
+    head = RayHead(num_cpus=2)
+    yield head
+    head.stop()
 
 
 @pytest.fixture(scope="session")

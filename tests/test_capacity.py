@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from helpers import free_port
 import torch
 
 import models
+from pipeline import activations
 from pipeline import capacity as planner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,9 @@ def test_meta_activation_measurement_equals_a_real_cpu_run():
     # fp32 here: CPU bf16 kernels are slow, and the claim (meta sees the same saved bytes as a
     # real run) does not depend on the dtype; the planner itself measures in bf16.
     torch.manual_seed(0)
-    meta = planner.measure_activations(models.create_model(TINY, img_size=TINY_RES, device="meta"), 4, TINY_RES,
+    meta = activations.measure_activations(models.create_model(TINY, img_size=TINY_RES, device="meta"), 4, TINY_RES,
                                        dtype=torch.float32)
-    cpu = planner.measure_activations(models.create_model(TINY, img_size=TINY_RES), 4, TINY_RES,
+    cpu = activations.measure_activations(models.create_model(TINY, img_size=TINY_RES), 4, TINY_RES,
                                       dtype=torch.float32)
     assert cpu.saved_bytes > 0
     assert meta.saved_bytes == pytest.approx(cpu.saved_bytes, rel=0.01)
@@ -66,8 +67,8 @@ def test_meta_activation_measurement_equals_a_real_cpu_run():
 
 
 def test_activation_model_is_linear_in_batch():
-    act = planner.activation_model(TINY, TINY_RES)
-    measured = planner.measure_activations(models.create_model(TINY, img_size=TINY_RES, device="meta"), 8, TINY_RES)
+    act = activations.activation_model(TINY, TINY_RES)
+    measured = activations.measure_activations(models.create_model(TINY, img_size=TINY_RES, device="meta"), 8, TINY_RES)
     assert act.bytes(8, False) == pytest.approx(measured.saved_bytes, rel=0.02)
     assert act.bytes(8, True) == pytest.approx(measured.checkpointed_bytes, rel=0.05)
     assert act.per_image > 0
@@ -147,7 +148,7 @@ def test_zero3_memory_model_matches_a_measured_two_rank_run():
 
 def test_offload_moves_optimizer_states_off_the_gpu():
     facts = planner.model_facts("coatnet_0", 224)
-    act = planner.activation_model("coatnet_0", 224)
+    act = activations.activation_model("coatnet_0", 224)
     on_gpu = planner.zero3_memory(facts, 8, 32, act, planner.ZeroSettings(offload="none"))
     cpu = planner.zero3_memory(facts, 8, 32, act, planner.ZeroSettings(offload="cpu"))
     nvme = planner.zero3_memory(facts, 8, 32, act, planner.ZeroSettings(offload="nvme"))
@@ -166,7 +167,7 @@ def test_smallest_gpu_count_is_the_first_that_fits():
     p = planner.plan(inp)
     counts = planner.gpu_counts(inp.gpus_per_node)
     assert p.min_gpus is not None and p.min_gpus > 1
-    facts, act = p.facts, planner.activation_model("coatnet_0", 224)
+    facts, act = p.facts, activations.activation_model("coatnet_0", 224)
     zero = planner.ZeroSettings()
     assert planner.choose_micro_batch(facts, act, inp, p.min_gpus, zero)[0] is not None
     previous = counts[counts.index(p.min_gpus) - 1]

@@ -1,7 +1,6 @@
 """Bad data: every kind is skipped and counted (or is an error), never lost silently."""
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 import threading
@@ -9,54 +8,25 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from PIL import Image
+from helpers import free_port, jpeg, write_index
 
-from pipeline.data import (AugmentConfig, DataError, RetryPolicy, ShardIndex, ShardInfo,
-                           StreamingLoader, write_demo_shards)
+from pipeline.data import (AugmentConfig, DataError, RetryPolicy, ShardIndex, StreamingLoader, write_demo_shards)
 
 NO_AUG = AugmentConfig.off()
 
 
-def _jpeg(shade: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (12, 12), (shade, shade, shade)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_index(root: Path, shards: list[list[tuple[str, dict[str, bytes]]]],
-                class_names=("a", "b", "c")) -> ShardIndex:
-    """Shards written member by member (so they can hold anything) and their index."""
-    infos = []
-    for i, samples in enumerate(shards):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for key, files in samples:
-                for ext, payload in files.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-        data = buf.getvalue()
-        name = f"shard-{i:06d}.tar"
-        (root / name).write_bytes(data)
-        infos.append(ShardInfo(name, len(samples), hashlib.sha256(data).hexdigest(), len(data)))
-    index = ShardIndex(root=str(root), shards=tuple(infos), class_names=tuple(class_names))
-    index.save()
-    return index
-
-
 BAD_SAMPLES = {
     "badimage": ({"jpg": b"\xff\xd8\xff\xe0 garbage", "cls": b"1"}, "corrupt image"),
-    "nolabel": ({"jpg": _jpeg(10)}, "missing label"),
-    "outofrange": ({"jpg": _jpeg(20), "cls": b"7"}, "label out of range"),
-    "textlabel": ({"jpg": _jpeg(30), "cls": b"dog"}, "unparseable label"),
+    "nolabel": ({"jpg": jpeg(10)}, "missing label"),
+    "outofrange": ({"jpg": jpeg(20), "cls": b"7"}, "label out of range"),
+    "textlabel": ({"jpg": jpeg(30), "cls": b"dog"}, "unparseable label"),
     "noimage": ({"cls": b"0"}, "no image entry"),
 }
 
 
 @pytest.fixture
 def mixed(tmp_path) -> ShardIndex:
-    good = [(f"good{i:02d}", {"jpg": _jpeg(8 * i), "cls": str(i % 3).encode()}) for i in range(25)]
+    good = [(f"good{i:02d}", {"jpg": jpeg(8 * i), "cls": str(i % 3).encode()}) for i in range(25)]
     bad = [(key, files) for key, (files, _) in BAD_SAMPLES.items()]
     return write_index(tmp_path, [good[:10] + bad[:3], good[10:] + bad[3:]])
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_bad import _jpeg, write_index
+from helpers import jpeg, write_index
 
 import pipeline.data.loader as loader_module
 import pipeline.data.reader as reader_module
@@ -60,7 +60,7 @@ def test_odd_image_modes_become_8_bit_rgb(tmp_path):
 
 
 def test_transform_and_shape_failures_are_skipped_with_shard_and_key(tmp_path, monkeypatch):
-    good = [(f"g{i}", {"jpg": _jpeg(10 * i), "cls": b"1"}) for i in range(6)]
+    good = [(f"g{i}", {"jpg": jpeg(10 * i), "cls": b"1"}) for i in range(6)]
     odd = [("wide", {"png": _encoded(Image.new("RGB", (30, 10)), "PNG"), "cls": b"1"}),
            ("tall", {"png": _encoded(Image.new("RGB", (10, 30)), "PNG"), "cls": b"1"})]
     index = write_index(tmp_path, [good[:3] + odd + good[3:]])
@@ -87,7 +87,7 @@ def test_transform_and_shape_failures_are_skipped_with_shard_and_key(tmp_path, m
 
 
 def test_image_too_large_for_the_pixel_budget_is_skipped(tmp_path):
-    index = write_index(tmp_path, [[("big", {"jpg": _jpeg(5), "cls": b"0"}),
+    index = write_index(tmp_path, [[("big", {"jpg": jpeg(5), "cls": b"0"}),
                                     *[(f"ok{i}", {"png": _encoded(Image.new("RGB", (8, 8)), "PNG"),
                                                   "cls": b"0"}) for i in range(3)]]])
     loader = _loader(index, max_skip_fraction=0.5, max_image_pixels=100)   # 12x12 > 100 > 8x8
@@ -173,7 +173,7 @@ def test_writer_skips_unreadable_images_and_decompression_bombs(tmp_path, monkey
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(src / f"{i}.png")
     Image.new("RGB", (64, 64)).save(src / "bomb.png")
-    (src / "cut.jpg").write_bytes(_jpeg(3)[:40])
+    (src / "cut.jpg").write_bytes(jpeg(3)[:40])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)     # 64x64 > 2 x 1000: a "bomb"
     summary = write_shards(str(tmp_path / "src"), str(tmp_path / "out"),
                            options=ShardOptions(samples_per_shard=2, num_workers=1, progress=False))

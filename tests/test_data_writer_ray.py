@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_pretrain import kill_session
+from helpers import job_env, kill_session, start_job
 
 from pipeline.data import ShardIndex, ShardOptions, iter_shard_samples, write_shards
 from pipeline.data.sources import ManifestRows, scan_manifest
@@ -163,9 +162,10 @@ def test_ray_writer_equals_single_process_writer(manifest, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_writer_killed_and_rerun_writes_only_what_is_missing(tmp_path):
-    """SIGKILL the job (driver + its local Ray) once some shards are recorded; the re-run keeps
-    those, writes the rest, and the result is the single-process writer's, byte for byte."""
+def test_ray_writer_killed_and_rerun_writes_only_what_is_missing(ray_cluster, tmp_path):
+    """SIGKILL the job's driver (attached to the session's cluster: Ray then ends its tasks) once
+    some shards are recorded; the re-run keeps those, writes the rest, and the result is the
+    single-process writer's, byte for byte."""
     path, expected = _manifest(tmp_path / "src", n=300, side=96, row_group_size=64)
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES))
     args = ["--classes", str(tmp_path / "classes.txt"), "--samples-per-shard", "4", "--shards-per-part", "1", "--max-side", "48", "--seed", "1",
@@ -178,8 +178,8 @@ def test_ray_writer_killed_and_rerun_writes_only_what_is_missing(tmp_path):
 
     cli = [sys.executable, str(REPO / "jobs" / "make_shards.py"), str(path), str(tmp_path / "out"),
            "--ray", "--workers", "2", *args]
-    log = open(tmp_path / "first.log", "w")
-    job = subprocess.Popen(cli, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = job_env(ray_cluster)
+    job = start_job(cli, env, tmp_path, tmp_path / "first.log")
     records = lambda: list((tmp_path / "out").glob("*/_progress/*.json"))  # noqa: E731
     t0 = time.time()
     while not records():
@@ -187,19 +187,21 @@ def test_ray_writer_killed_and_rerun_writes_only_what_is_missing(tmp_path):
         assert time.time() - t0 < 300, "no shard was recorded in 300 s"
         time.sleep(0.02)
     kill_session(job)
-    done_before = len(records())
+    done_before = -1
+    while done_before != len(records()):      # until Ray has ended the killed job's tasks
+        done_before = len(records())
+        time.sleep(2)
     assert 0 < done_before < num_shards
     assert not (tmp_path / "out" / "train" / "index.parquet").exists()
 
-    rerun = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reused = sum(int(line.split(" written, ")[1].split(" already")[0])
                  for line in rerun.stdout.splitlines() if " already complete" in line)
-    # kept, not rewritten (less a record the kill cut short: one per Ray worker at most)
-    assert done_before - 2 <= reused < num_shards
+    # kept, not rewritten
+    assert done_before == reused < num_shards
     for split in ("train", "val"):
         assert (ShardIndex.load(str(tmp_path / "out" / split)).shards
                 == ShardIndex.load(str(tmp_path / "reference" / split)).shards)
     _assert_exactly_once(tmp_path / "out", expected)
     assert json.loads((tmp_path / "out" / "train" / "_progress" / "shard-000000.json").read_text())["num_samples"] > 0
-    assert not [p for p in os.listdir("/tmp") if p.startswith(f"rp{job.pid}-")]

@@ -383,31 +383,21 @@ def test_there_are_recipes():
     assert CONFIGS, "configs/ holds no recipes"
 
 
-def _stage_configs(workflow_path):
-    with open(workflow_path) as f:
-        raw = yaml.safe_load(f)
-    stages = [raw["pretrain"]] + list(raw.get("finetune") or [])
-    return [st["config"] for st in stages if isinstance(st, dict) and st.get("config")]
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("workflow_")], ids=lambda p: p.name)
+def test_each_workflow_plans(path):
+    """A workflow file loads and plans before anything runs: every stage recipe it names exists and
+    resolves (bases included) to a known variant, each stage has its own key, and fine-tuning runs
+    at a higher resolution than pretraining. (Stage recipes themselves: tests/test_config.py.)"""
+    from models import list_models
+    from pipeline.workflow import load_workflow, plan_stages
 
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_each_recipe_validates(path):
-    """Stage recipes through the trainer's loader; workflow files through the workflow loader,
-    and every stage recipe a workflow names must exist and validate too."""
-    from pipeline.config import load_config
-
-    if path.name.startswith("workflow_"):
-        from pipeline.workflow import load_workflow
-
-        wf, _base = load_workflow(str(path))
-        assert wf is not None
-        stages = _stage_configs(path)
-        assert stages, f"{path.name} names no stage config"
-        for stage in stages:
-            assert (ROOT / stage).is_file(), f"{path.name}: {stage} missing"
-            load_config(str(ROOT / stage))
-    else:
-        assert load_config(str(path)) is not None
+    wf, base = load_workflow(str(path))
+    plan = plan_stages(wf, base)
+    stages = ([plan.pretrain] if plan.pretrain else []) + plan.finetune
+    assert plan.finetune and len({stage.key for stage in stages}) == len(stages)
+    assert all(stage.config.model.variant in list_models() for stage in stages)
+    if plan.pretrain:
+        assert all(s.config.model.img_size > plan.pretrain.config.model.img_size for s in plan.finetune)
 
 
 def test_rayjob_runs_an_existing_workflow_config():
@@ -415,4 +405,4 @@ def test_rayjob_runs_an_existing_workflow_config():
     argv = shlex.split(job["spec"]["entrypoint"])
     config = ROOT / argv[argv.index("--config") + 1]
     assert config.is_file() and config.name.startswith("workflow_")
-    assert config in CONFIGS  # so test_each_recipe_validates covers it
+    assert config in CONFIGS  # so test_each_workflow_plans covers it

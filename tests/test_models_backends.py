@@ -208,8 +208,8 @@ def test_resize_split_s3_layout_of_coatnet_7() -> None:
         assert resized["stages.4.blocks.0.attn.relative_position_bias_table"].shape[-2:] == (27, 27)
 
 
+@pytest.mark.slow   # inductor on CPU: 47-90 s with a cold compile cache on 2 cores, 5-8 s warm
 def test_compile_blocks_matches_eager_forward_and_backward() -> None:
-    """Inductor on CPU: 47-90 s with a cold compile cache on the shared 2-core machine, 5-8 s warm."""
     torch.manual_seed(0)
     model = models.create_model("coatnet_pico", num_classes=10, img_size=64, drop_path_rate=0.0)
     images, labels = torch.randn(2, 3, 64, 64), torch.arange(2)

@@ -1,41 +1,74 @@
 """A run that comes back on another number of workers continues: 2 workers -> 1 -> 2, each change
 at a checkpoint. The ZeRO-3 model and optimizer state are resharded through DeepSpeed's universal
 checkpoint, the global batch is kept (gradient accumulation moves), the data cursor continues the
-same epoch, and the MLflow run goes on."""
+same epoch, and the MLflow run goes on. The first run is submitted with ``ray job submit`` to the
+session's Ray head (token authentication on, the working directory uploaded), as a user submits to
+a cluster; the re-runs attach to it through RAY_ADDRESS.
+
+On a real cluster a re-run on fewer workers usually means fewer nodes (NCCL instead of gloo, the
+universal conversion made once per node rather than once for the one node here); the resharding,
+the batch arithmetic and the data cursor are the code paths run here."""
 from __future__ import annotations
 
 import glob
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
-from test_pretrain import GLOBAL, MICRO, _run, job_cmd, tiny_overrides
-from train_callbacks import override as callbacks
+from helpers import (GLOBAL, MICRO, ROOT, callbacks, job_cmd, job_env, mlflow_runs, run_job, step_keys,
+                     tiny_overrides)
 
 pytestmark = pytest.mark.slow
 
 
-def test_resume_on_fewer_then_more_workers(tmp_path):
-    from pipeline import checkpoint, weights
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
     from pipeline.data import write_demo_shards
 
-    data = str(tmp_path / "demo")
-    write_demo_shards(data, num_train=256, num_val=64, image_size=32, samples_per_shard=32)
+    root = str(tmp_path_factory.mktemp("resume_data") / "demo")
+    write_demo_shards(root, num_train=256, num_val=64, image_size=32, samples_per_shard=32)
+    return root
+
+
+def submit(ray_cluster, overrides: list[str], tmp_path) -> str:
+    """``ray job submit`` of the pretraining job, as a user runs it; its output."""
+    cli = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", ray_cluster.dashboard]
+    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_ADDRESS"}       # the token, not the address
+    denied = subprocess.run(cli + ["--no-wait", "--", "python", "-c", "pass"],     # no token: refused
+                            env={**{k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"},
+                                 "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing_token")},
+                            capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0 and "token" in (denied.stdout + denied.stderr).lower(), denied.stderr[-2000:]
+    runtime_env = json.dumps({"excludes": [".git", ".venv", ".cache", "data", "runs", "*.db", "logs"]})
+    r = subprocess.run(cli + ["--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--",
+                              "python", "jobs/pretrain.py", *overrides],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "succeeded" in out and "== pretraining finished ==" in out, out[-4000:]
+    return out
+
+
+def test_resume_on_fewer_then_more_workers(ray_cluster, demo_root, tmp_path):
+    from pipeline import checkpoint, weights
+
+    data = demo_root
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "runs")
     keys_dir, start_dir = str(tmp_path / "keys"), str(tmp_path / "start")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     outs = []
     for workers, steps in ((2, 4), (1, 8), (2, 12)):
-        cmd = job_cmd(*tiny_overrides(data, storage, "elastic", uri, steps=steps),
-                      f"scaling.num_workers={workers}", f"train.grad_accum={GLOBAL // (MICRO * workers)}",
-                      "train.schedule=constant", "train.warmup_steps=0", "train.checkpoint_every=4",
-                      "train.eval_every=0", "train.keep_last=5", "tracking.system_metrics=false",
-                      callbacks(("KeysLog", {"dir": keys_dir}), ("StartState", {"dir": start_dir})))
-        r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        outs.append(r.stdout)
+        overrides = [*tiny_overrides(data, storage, "elastic", uri, steps=steps),
+                     f"scaling.num_workers={workers}",        # the one knob: accumulation follows
+                     "train.schedule=constant", "train.warmup_steps=0", "train.checkpoint_every=4",
+                     "train.eval_every=0", "train.keep_last=5", "tracking.system_metrics=false",
+                     callbacks(("KeysLog", {"dir": keys_dir}), ("StartState", {"dir": start_dir}))]
+        if not outs:
+            outs.append(submit(ray_cluster, overrides, tmp_path))
+            assert os.path.exists(f"{storage}/elastic/weights/model.safetensors")
+        else:
+            outs.append(run_job(job_cmd(*overrides), job_env(ray_cluster), tmp_path, tmp_path / f"run-{workers}.log"))
     assert "resharded from 2 to 1 workers, grad_accum 2" in outs[1], outs[1]
     assert "resharded from 1 to 2 workers, grad_accum 1" in outs[2], outs[2]
     assert all("universal checkpoint made once per node" in outs[i] for i in (1, 2))
@@ -61,7 +94,7 @@ def test_resume_on_fewer_then_more_workers(tmp_path):
     assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k]) for k in whole)
 
     # one MLflow run, every step logged once, no jump in the loss at either change
-    _, runs = _run(uri)
+    _, runs = mlflow_runs(uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
 
@@ -74,8 +107,7 @@ def test_resume_on_fewer_then_more_workers(tmp_path):
     # sample accounting: every step's samples once, across all three worker counts
     seen: dict[tuple[int, int], list[str]] = {}
     for r in (0, 1):
-        for line in open(os.path.join(keys_dir, f"keys.rank{r}.jsonl")):
-            e = json.loads(line)
+        for e in step_keys(keys_dir, r):
             assert (r, e["step"]) not in seen, (r, e["step"])   # no failure, so no replay
             seen[(r, e["step"])] = e["keys"]
     assert sorted({s for _, s in seen}) == list(range(1, 13))

@@ -1,0 +1,31 @@
+"""Which checkpoint of a run a re-run resumes from (pipeline.checkpoint), without Ray's snapshot."""
+from __future__ import annotations
+
+
+
+def test_latest_checkpoint_never_picks_an_interrupted_save(tmp_path):
+    """Without Ray's snapshot (copied folders), the newest COMPLETE checkpoint is resumed from:
+    a folder where a kill left only some ranks' files is passed over until it is whole."""
+    import json
+
+    from pipeline.checkpoint import STATE_FILE, latest_checkpoint
+
+    def write(step: int, ranks: list[int], world: int = 2) -> None:
+        d = tmp_path / f"checkpoint_{step:08d}"
+        (d / "ds").mkdir(parents=True, exist_ok=True)
+        (d / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world, "format": 2}))
+        for r in ranks:
+            (d / "ds" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
+            (d / "ds" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+
+    assert latest_checkpoint(str(tmp_path)) is None
+    write(2, [0, 1])
+    write(4, [0])                                   # rank 1 died during the save of step 4
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    (tmp_path / "checkpoint_00000006").mkdir()      # a save that wrote nothing yet
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    write(4, [1])                                   # the re-done save completes it
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000004")
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000002"}}))
+    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")   # Ray's record first
