@@ -118,6 +118,17 @@ def short_tmp():
 
 
 @pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> str:
+    """The tiny demo dataset the end-to-end jobs train on: 256 train / 64 val images of 32 px,
+    10 classes, 32 samples per shard (8 train shards: enough for 2 workers x 1 loader worker)."""
+    from pipeline.data import write_demo_shards
+
+    root = str(tmp_path_factory.mktemp("demo_shards") / "demo")
+    write_demo_shards(root, num_train=256, num_val=64, image_size=32, samples_per_shard=32)
+    return root
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A Ray head for the session's end-to-end jobs (see ``helpers.RayHead``)."""
     head = RayHead(num_cpus=2)

@@ -25,21 +25,12 @@ from helpers import (GLOBAL, STEPS, callbacks, free_port, job_cmd, job_env,
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from pipeline.data import write_demo_shards
-
-    root = str(tmp_path_factory.mktemp("pretrain_data") / "demo")
-    write_demo_shards(root, num_train=256, num_val=64, image_size=32, samples_per_shard=32)
-    return root
-
-
 KILLED_IN_SAVE = 6      # rank 1 dies inside this checkpoint's save; checkpoint 4 is the last complete one
 OUTAGE_S = 7            # storage is away this long once checkpoint 2 is registered: checkpoint 4 falls in it
 
 
 @pytest.fixture(scope="module")
-def s3_run(ray_cluster, demo_root, tmp_path_factory):
+def s3_run(ray_cluster, demo_shards, tmp_path_factory):
     """One 2-worker ZeRO-3 run with checkpoints on S3 (a moto server of its own, so that it can be
     stopped): once checkpoint 2 is in, the server is stopped for OUTAGE_S seconds and restarted on
     the same port (moto's state is global: nothing is lost); later rank 1 SIGKILLs itself in the
@@ -58,7 +49,7 @@ def s3_run(ray_cluster, demo_root, tmp_path_factory):
     fs.mkdir(bucket)
     uri = f"sqlite:///{tmp}/mlflow.db"
     keys_dir, dump, marker = str(tmp / "keys"), str(tmp / "live.pt"), str(tmp / "killed.json")
-    cmd = job_cmd(*tiny_overrides(demo_root, f"s3://{bucket}/runs", "s3run", uri),
+    cmd = job_cmd(*tiny_overrides(demo_shards, f"s3://{bucket}/runs", "s3run", uri),
                   "train.upload_timeout_s=120",
                   callbacks(("KeysLog", {"dir": keys_dir}), ("DumpWeights", {"path": dump}),
                             ("StepSleep", {"seconds": 0.5}),

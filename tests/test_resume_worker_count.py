@@ -24,15 +24,6 @@ from helpers import (GLOBAL, MICRO, ROOT, callbacks, job_cmd, job_env, mlflow_ru
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from pipeline.data import write_demo_shards
-
-    root = str(tmp_path_factory.mktemp("resume_data") / "demo")
-    write_demo_shards(root, num_train=256, num_val=64, image_size=32, samples_per_shard=32)
-    return root
-
-
 def submit(ray_cluster, overrides: list[str], tmp_path) -> str:
     """``ray job submit`` of the pretraining job, as a user runs it; its output."""
     cli = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", ray_cluster.dashboard]
@@ -51,10 +42,10 @@ def submit(ray_cluster, overrides: list[str], tmp_path) -> str:
     return out
 
 
-def test_resume_on_fewer_then_more_workers(ray_cluster, demo_root, tmp_path):
+def test_resume_on_fewer_then_more_workers(ray_cluster, demo_shards, tmp_path):
     from pipeline import checkpoint, weights
 
-    data = demo_root
+    data = demo_shards
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "runs")
     keys_dir, start_dir = str(tmp_path / "keys"), str(tmp_path / "start")
     outs = []
