@@ -2,7 +2,7 @@
 away: values are kept while it is down and sent, in order and exactly once, when it is back; the
 buffer is bounded; the outage is said once each way; close() waits, then counts what it drops.
 (The end-to-end version, a real `mlflow server` stopped under a 2-worker run, is
-test_tracking_outage.py.)"""
+test_resume_rerun.py.)"""
 from __future__ import annotations
 
 from pipeline.tracking import MetricsLogger
