@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -78,17 +79,6 @@ def staging_prefix(run_key: str, rank: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"coatnet-ckpt-{name}-{digest}-r{rank}-")
 
 
-def clear_staging(run_key: str, rank: int) -> int:
-    """Remove what a killed predecessor of this rank left before its upload finished. Returns how many."""
-    import glob
-    import shutil
-
-    stale = glob.glob(staging_prefix(run_key, rank) + "*")
-    for d in stale:
-        shutil.rmtree(d, ignore_errors=True)
-    return len(stale)
-
-
 def save(engine, *, rank: int, state: TrainState, run_key: str, ema: list[torch.Tensor] | None = None) -> str:
     """Write this rank's part of a checkpoint into a new local staging folder and return it; the
     caller hands it to ``ray.train.report``, which uploads it and deletes it."""
@@ -107,40 +97,103 @@ def save(engine, *, rank: int, state: TrainState, run_key: str, ema: list[torch.
 UNIVERSAL_TAG = "universal"
 
 
-def to_universal(directory: str, out: str | None = None) -> str:
+def to_universal(directory: str, out: str | None = None, *, world_size: int | None = None,
+                 workers: int | None = None) -> str:
     """Convert the ZeRO-3 shards of a checkpoint folder into DeepSpeed's universal format (one
     file per parameter: fp32 weights and Adam moments, not tied to a world size) in the local
-    folder ``out`` (default: a new temporary one), returned. An engine built with
-    ``{"checkpoint": {"load_universal": true}}`` then loads it at any world size
-    (``load(..., universal=folder)``)."""
+    folder ``out`` (default: a new temporary one), returned. Only the files of ranks below
+    ``world_size`` (default: the train state's) are read - DeepSpeed's converter takes every
+    ``*_states.pt`` it finds and its degree from the highest rank, so stale files of another save
+    must not be in its view. ``workers`` extract and merge processes (default: this host's CPUs).
+    An engine built with ``{"checkpoint": {"load_universal": true}}`` then loads it at any world
+    size (``load(..., universal=folder)``)."""
     import argparse
     import contextlib
     import io
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    world_size = world_size or read_state(directory).world_size
     if out is None:
         out = tempfile.mkdtemp(prefix="coatnet-universal-")
     else:
         shutil.rmtree(out, ignore_errors=True)          # what a killed conversion left
         os.makedirs(out)
-    args = argparse.Namespace(input_folder=os.path.join(directory, DS_TAG),
-                              output_folder=os.path.join(out, UNIVERSAL_TAG), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
+    view = os.path.join(out, "input")                   # this save's ranks only, as links
+    os.makedirs(view)
+    for name in os.listdir(os.path.join(directory, DS_TAG)):
+        rank = _rank_of(name)
+        if world_size is None or rank is None or rank < world_size:
+            os.symlink(os.path.abspath(os.path.join(directory, DS_TAG, name)), os.path.join(view, name))
+    workers = workers or max(1, os.cpu_count() or 1)
+    args = argparse.Namespace(input_folder=view, output_folder=os.path.join(out, UNIVERSAL_TAG),
+                              num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)
     with contextlib.redirect_stdout(io.StringIO()):      # its progress bars and banners
         ds_to_universal(args)
+    shutil.rmtree(view, ignore_errors=True)
     return out
+
+
+def _rank_of(file_name: str) -> int | None:
+    """The data-parallel rank a ZeRO file belongs to (``..._zero_pp_rank_<r>_...``), else None."""
+    import re
+
+    m = re.search(r"zero_pp_rank_(\d+)_", file_name)
+    return int(m.group(1)) if m else None
 
 
 def node_universal_dir(run_key: str, step: int) -> str:
     """The node-local folder where a resharding resume puts the universal checkpoint of ``step``:
-    named by run and step, so that every rank of a node finds the one its first rank wrote, and a
-    conversion a kill interrupted is overwritten by the next."""
+    named by run, node and step, so that every rank of a node finds the one its first rank wrote
+    (and no two nodes write one folder when their temp dir is shared), and a conversion a kill
+    interrupted is overwritten by the next."""
     import hashlib
+    import socket
 
     digest = hashlib.sha1(run_key.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), f"coatnet-universal-{digest}-{step}")
+    return os.path.join(tempfile.gettempdir(), f"coatnet-universal-{digest}-{socket.gethostname()}-{step}")
+
+
+def clear_node_leftovers(run_key: str) -> int:
+    """What killed workers of this run left on this node: every rank's unfinished checkpoint staging
+    folders (a run that shrank leaves the higher ranks' too) and universal conversions. Called by a
+    node's first rank before any rank of the node saves. Returns how many folders were removed."""
+    import glob
+
+    stale = glob.glob(staging_prefix(run_key, 0).rsplit("-r0-", 1)[0] + "-r*")
+    stale += glob.glob(node_universal_dir(run_key, 0).rsplit("-", 1)[0] + "-*")
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(stale)
+
+
+def clear_unfinished_saves(storage_path: str, run_name: str, *, after_step: int, timeout_s: float,
+                           say=print) -> list[str]:
+    """Remove the run's ``checkpoint_*`` folders of steps after ``after_step`` (the step this attempt
+    resumes from): saves an earlier attempt did not finish. One save per folder - a save killed at 4
+    ranks and a re-run at 2 reaching the same step would otherwise leave ranks 2-3's files beside the
+    new ones. Rank 0 calls it once at start, long before any rank saves; rides out a storage outage
+    like the upload does. Returns the names removed."""
+    from pipeline.cluster import storage_filesystem
+    from pipeline.retry import RetryPolicy, call_with_retry
+
+    fs, root = storage_filesystem(storage_path)
+    run = f"{root.rstrip('/')}/{run_name}"
+
+    def clear() -> list[str]:
+        import pyarrow.fs as pafs
+
+        found = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+        names = sorted(i.base_name for i in found if i.type == pafs.FileType.Directory
+                       and re.fullmatch(r"checkpoint_\d+", i.base_name)
+                       and int(i.base_name.split("_")[1]) > after_step)
+        for name in names:
+            fs.delete_dir(f"{run}/{name}")
+        return names
+    return call_with_retry(clear, RetryPolicy(timeout_s=timeout_s, initial_delay_s=1.0, max_delay_s=30.0),
+                           retry_on=lambda e: True, announce=say, service="storage",
+                           doing="clearing unfinished checkpoints")
 
 
 def uploader(storage_path: str, run_name: str, *, timeout_s: float, say=print):
@@ -168,26 +221,57 @@ def uploader(storage_path: str, run_name: str, *, timeout_s: float, say=print):
     return upload
 
 
-def load(engine, directory: str, *, rank: int, universal: str | None = None
+def load(engine, directory: str, *, rank: int, universal: str | None = None, ema: bool = False
          ) -> tuple[TrainState, list[torch.Tensor] | None]:
     """Every rank calls this on a fresh engine (ZeRO-3). ``universal``: the ``to_universal`` folder
-    of ``directory`` when the world size changed (the EMA, a per-rank partition, is then not
-    restored). Returns (train state, EMA partition or None)."""
+    of ``directory`` when the world size changed. Returns (train state, this rank's EMA partitions:
+    with ``ema``, the saved EMA cut to this world's partitions, else None; None also when the
+    checkpoint has none)."""
     folder, tag = (universal, UNIVERSAL_TAG) if universal else (directory, DS_TAG)
+    inner = engine.optimizer.optimizer
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in inner.param_groups]
     path, _ = engine.load_checkpoint(folder, tag=tag, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {folder}/{tag}")
     if universal:
-        # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the SAME 'step'
-        # tensor; torch's Adam then advances it once per group and step (2x with our decay and
-        # no-decay groups), skewing bias correction. One tensor per group, as a normal load has.
-        for st in engine.optimizer.optimizer.state.values():
+        # DeepSpeed 0.19.8's ZeRO-3 universal load copies parameter group 0's hyperparameters into
+        # every group (the no-decay group would be decayed) and gives every group the SAME 'step'
+        # tensor (torch's Adam then advances it once per group and step). Each group gets its own
+        # hyperparameters (the config's, as a fresh engine has them) and its own step back.
+        for group, values in zip(inner.param_groups, hyper):
+            group.update(values)
+        for st in inner.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
-    ema_path = os.path.join(directory, "ema", f"rank_{rank}.pt")
-    ema = torch.load(ema_path, weights_only=True) if os.path.exists(ema_path) and not universal else None
-    return read_state(directory), ema
+    state = read_state(directory)
+    return state, (load_ema(directory, engine, rank=rank, saved_world=state.world_size) if ema else None)
+
+
+def load_ema(directory: str, engine, *, rank: int, saved_world: int | None) -> list[torch.Tensor] | None:
+    """This rank's fp32 EMA partitions (``partitions()`` order) from the checkpoint's ``ema/rank_*.pt``,
+    at any world size: at the saved one each rank reads its own file; at another, each parameter is
+    put together from every saved rank's partition (memory-mapped, one parameter at a time) and this
+    rank's slice of the new partitioning is cut out. None when the checkpoint has no EMA."""
+    import torch.distributed as dist
+
+    ema_dir = os.path.join(directory, "ema")
+    if not os.path.exists(os.path.join(ema_dir, "rank_0.pt")):
+        return None
+    if saved_world in (None, dist.get_world_size()):
+        return torch.load(os.path.join(ema_dir, f"rank_{rank}.pt"), weights_only=True)
+    saved = [torch.load(os.path.join(ema_dir, f"rank_{r}.pt"), weights_only=True, mmap=True)
+             for r in range(saved_world)]
+    out = []
+    params = [p for p in engine.module.parameters() if hasattr(p, "ds_tensor")]
+    for i, p in enumerate(params):
+        full = torch.cat([parts[i] for parts in saved])[:p.ds_numel]
+        size = p.ds_tensor.numel()
+        mine = torch.zeros(size, dtype=torch.float32)
+        piece = full[rank * size:(rank + 1) * size]
+        mine[:piece.numel()] = piece
+        out.append(mine.to(p.ds_tensor.device))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,20 +280,36 @@ def load(engine, directory: str, *, rank: int, universal: str | None = None
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """The checkpoint a re-run of the Ray run at ``run_dir`` (local path or URL) resumes from:
-    the one Ray's snapshot file names (Ray registers a checkpoint only once every rank has uploaded
-    its part), else the newest complete ``checkpoint_*`` folder (``is_complete``: a save that a
-    kill interrupted leaves a folder with some ranks' files, never chosen). None when there is none."""
+    the one Ray registered last (``registered_checkpoint``), else the newest complete folder
+    (``latest_complete``). None when there is none."""
+    return registered_checkpoint(run_dir) or latest_complete(run_dir)
+
+
+def registered_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint Ray's snapshot file names: Ray registers a checkpoint only once every rank has
+    uploaded its part, and resumes a re-run from it by itself. None without a snapshot."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(run_dir)
     try:
         with fs.open(f"{path.rstrip('/')}/checkpoint_manager_snapshot.json", "rb") as f:
             latest = json.loads(f.read()).get("latest_checkpoint_result") or {}
-        name = latest.get("checkpoint_dir_name")
-        if name:
-            return f"{run_dir.rstrip('/')}/{name}"
-    except (OSError, ValueError):
-        pass   # no snapshot (new run, or copied folders): look at the folders
+    except FileNotFoundError:
+        return None   # no snapshot: a new run, or folders copied from elsewhere
+    except ValueError:
+        return None   # being rewritten by Ray
+    name = latest.get("checkpoint_dir_name")
+    return f"{run_dir.rstrip('/')}/{name}" if name else None
+
+
+def latest_complete(run_dir: str) -> str | None:
+    """The newest ``checkpoint_*`` folder that ``is_complete`` accepts (a save that a kill
+    interrupted leaves a folder with some ranks' files, never chosen), or None. Without Ray's
+    snapshot (folders copied from elsewhere) Ray would start from step 0: the driver hands this
+    one to the workers instead (``TrainTask.resume_from``)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
     try:
         complete = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*") if is_complete(fs, p))
     except OSError:

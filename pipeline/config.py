@@ -120,10 +120,11 @@ class TrainConfig(Section):
     bf16: bool = True
     eval_every: int = Field(0, ge=0)               # steps; 0: only at the end
     checkpoint_every: int = Field(0, ge=0)         # steps; 0: only at the end
+    checkpoint_every_minutes: float | None = Field(None, gt=0)   # also by the clock (decided at log steps)
     keep_last: int = Field(2, ge=1)
     upload_timeout_s: float = Field(600.0, ge=0)   # a checkpoint upload retries through storage outages this long
     log_every: int = Field(10, ge=1)
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=-1)            # worker-group restarts; -1: no limit (spot fleets)
     # extra per-worker callbacks (profilers, test probes): see pipeline.train.Callback
     callbacks: list[CallbackSpec] = []
 

@@ -50,21 +50,25 @@ class Scores:
             loss = F.cross_entropy(logits, labels, reduction="sum")
         batch = torch.stack([hit1.sum(), hit5.sum(), torch.tensor(len(logits), device=logits.device),
                              loss.detach()]).double()
-        self.sums += batch.cpu() if batch.device.type != "cpu" else batch
+        if self.sums.device != batch.device:      # the sums live where the logits are: no host sync
+            self.sums = self.sums.to(batch.device)
+        self.sums += batch
         return hit1
 
-    def all_reduce(self) -> None:
-        """Sum across the ranks of the default process group (every rank calls this)."""
+    def all_reduce(self, device: torch.device | str = "cpu") -> None:
+        """Sum across the ranks of the default process group (every rank calls this), issued on
+        ``device``, the training device: an NCCL group (GPU workers) has no CPU backend."""
         import torch.distributed as dist
 
+        self.sums = self.sums.to(device)
         dist.all_reduce(self.sums)
 
     @property
     def count(self) -> int:
-        return int(self.sums[2])
+        return int(self.sums[2].item())
 
     def result(self) -> dict[str, float]:
-        h1, h5, n, loss = self.sums.tolist()
+        h1, h5, n, loss = self.sums.cpu().tolist()
         n = max(n, 1.0)
         if self.label_type == "multi":
             out = {"precision_at_1": h1 / n, "recall_at_5": h5 / n, "loss": loss / n}

@@ -159,7 +159,7 @@ def ray_cpus(cfg: Config) -> float:
 
 def make_trainer(cfg: Config, task: TrainTask):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train import train_loop_per_worker
 
@@ -171,6 +171,9 @@ def make_trainer(cfg: Config, task: TrainTask):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=task,
+        # on GPU workers a CPU backend beside NCCL, so that no host-side collective (a library's,
+        # a callback's) can fail with "no backend for device type cpu"; the loop's own run on the device
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
                                      use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
@@ -200,10 +203,15 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
         tracking.client(uri).set_tag(run_id, k, redact(str(v)))
     task.mlflow_run_id = run_id
     say(f"MLflow run     {run_id} ({'continued' if resumed else 'new'}) in {uri}")
-    previous = checkpoint.latest_checkpoint(run_key)
-    if previous:
-        say(f"resuming {cfg.storage.name} from {previous.rstrip('/').rsplit('/', 1)[-1]} "
+    registered = checkpoint.registered_checkpoint(run_key)
+    if registered:           # Ray resumes from it by itself
+        say(f"resuming {cfg.storage.name} from {registered.rstrip('/').rsplit('/', 1)[-1]} "
             "(same storage path and name)")
+    else:                    # folders without Ray's record of them: the workers are told which one
+        task.resume_from = checkpoint.latest_complete(run_key)
+        if task.resume_from:
+            say(f"resuming {cfg.storage.name} from {task.resume_from.rstrip('/').rsplit('/', 1)[-1]} "
+                "(no Ray snapshot: the newest complete checkpoint folder)")
     say(f"training       {cfg.model.variant} @ {cfg.model.img_size}px, {task.total_steps} steps of "
         f"{cfg.train.global_batch} on {cfg.scaling.num_workers} workers")
     with ray_session(ray_cpus(cfg)):

@@ -43,6 +43,7 @@ class TrainTask:
     label_type: str
     mlflow_run_id: str | None = None
     progress: Any = None               # pipeline.console.ProgressChannel, None: print
+    resume_from: str | None = None     # a checkpoint folder (URL) when Ray has none registered to resume from
 
     def cfg(self) -> Config:
         return Config.model_validate(self.config)
@@ -60,8 +61,9 @@ class Callback:
 
     def on_start(self, *, rank: int, world_size: int) -> None: ...
 
-    def on_train_start(self, engine, *, step: int, rank: int) -> None:
-        """Engine built and checkpoint (if any) loaded; ``step`` optimizer steps are behind."""
+    def on_train_start(self, engine, *, step: int, rank: int, ema: list[torch.Tensor] | None = None) -> None:
+        """Engine built and checkpoint (if any) loaded; ``step`` optimizer steps are behind; ``ema``:
+        this rank's EMA partitions (with ``train.ema_decay``)."""
 
     def on_step(self, step: int, keys: list[str]) -> None:
         """After optimizer step ``step`` (1-based), with the keys of the samples this rank used."""
@@ -73,6 +75,43 @@ class Callback:
 
     def on_end(self, engine, *, rank: int) -> None:
         """After the last step, before the worker exits (collective calls allowed: every rank runs it)."""
+
+
+class TrainingStopped(RuntimeError):
+    """Raised by every rank after the checkpoint a SIGTERM asked for: Ray Train then restarts the
+    group from that checkpoint, where resources are (``train.max_failures``; -1: always)."""
+
+
+class TerminationNotice:
+    """SIGTERM for this worker process (a spot instance reclaimed, a node shut down): recorded, so
+    that the loop can finish its step, checkpoint with every other rank and stop, instead of the
+    process ending mid-step and the run losing every step since its last checkpoint.
+
+    A Ray worker's own SIGTERM handler exits the process at once (SystemExit from the main thread),
+    and the train function runs in another thread, where Python does not let it install a handler.
+    The handler calls ``ray._private.worker.raise_sys_exit_with_custom_error_message``; that name is
+    wrapped: a first SIGTERM is recorded, any other exit (and a second SIGTERM) goes through as before.
+    Where it is missing (another Ray), SIGTERM ends the process as it always did."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def install(self) -> "TerminationNotice":
+        try:
+            import ray._private.worker as ray_worker
+
+            original = ray_worker.raise_sys_exit_with_custom_error_message
+        except (ImportError, AttributeError):
+            return self
+
+        def exit_unless_first_sigterm(message, exit_code=0):
+            if "SIGTERM" in str(message) and not self.received:
+                self.received = 1
+                print("SIGTERM: finishing the step, then checkpointing with every rank", flush=True)
+                return
+            original(message, exit_code)
+        ray_worker.raise_sys_exit_with_custom_error_message = exit_unless_first_sigterm
+        return self
 
 
 def build_callbacks(specs: list[CallbackSpec]) -> list[Callback]:
@@ -112,6 +151,20 @@ def fit_batch_to_world(cfg: Config, world: int) -> Config:
     return Config.model_validate(data)
 
 
+def resume_point(task: TrainTask, cfg: Config):
+    """The checkpoint the driver found for a run Ray has no record of (folders copied from
+    elsewhere, a lost snapshot): a ``ray.train.Checkpoint`` of ``task.resume_from``, or None."""
+    from ray.train import Checkpoint
+
+    from pipeline.cluster import storage_filesystem
+
+    if not task.resume_from:
+        return None
+    fs, root = storage_filesystem(cfg.storage.storage_path)
+    relative = task.resume_from[len(cfg.storage.storage_path.rstrip("/")):].lstrip("/")
+    return Checkpoint(path=f"{root.rstrip('/')}/{relative}", filesystem=fs)
+
+
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, schedule: str) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine/linear/constant."""
     if warmup > 0 and step < warmup:
@@ -147,6 +200,18 @@ def forever(loader) -> Iterator:
         yield from loader
 
 
+def reduce_sum(values: list[torch.Tensor | float], device: torch.device) -> torch.Tensor:
+    """``values`` summed over all ranks in one all_reduce issued on the training ``device`` (on GPU
+    workers NCCL carries it; the group has a CPU backend too, but a reduction belongs where the
+    values live): a float64 tensor on ``device``. Every rank calls it with as many values."""
+    import torch.distributed as dist
+
+    local = torch.stack([v.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(v)
+                         else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
+    dist.all_reduce(local)
+    return local
+
+
 @torch.no_grad()
 def evaluate(engine, loader, *, device, dtype, label_type: str) -> dict[str, float]:
     """``pipeline.evaluate.Scores`` over the whole val split, summed across ranks. Every rank runs
@@ -161,7 +226,7 @@ def evaluate(engine, loader, *, device, dtype, label_type: str) -> dict[str, flo
             continue
         images, _ = to_device(batch, device)
         scores.update(engine(images.to(dtype)), batch.labels.to(device))
-    scores.all_reduce()
+    scores.all_reduce(device)
     engine.train()
     return {f"eval/{k}": v for k, v in scores.result().items()}
 
@@ -190,11 +255,13 @@ def train_loop_per_worker(task: TrainTask) -> None:
     else:
         device = torch.device("cpu")
     run_key = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}"
-    stale = checkpoint.clear_staging(run_key, rank)
     callbacks = build_callbacks(t.callbacks)
     for cb in callbacks:
         cb.on_start(rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    # what killed workers of this run left on this node (any rank's), before anyone here saves
+    stale = checkpoint.clear_node_leftovers(run_key) if ctx.get_local_rank() == 0 else 0
+    dist.barrier()
     torch.manual_seed(cfg.data.seed)   # same init on every rank (zero.Init/ZeRO-3 broadcast anyway)
 
     # -- data ----------------------------------------------------------------------------------
@@ -216,7 +283,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
 
     # -- engine, and the state to continue from -------------------------------------------------
     step, samples_seen, skipped_before = 0, 0, 0
-    resumed = ray.train.get_checkpoint()
+    resumed = ray.train.get_checkpoint() or resume_point(task, cfg)
     with resumed.as_directory() if resumed is not None else contextlib.nullcontext() as ckdir:
         saved = checkpoint.read_state(ckdir) if ckdir else None
         # another world size than the checkpoint's: reshard through DeepSpeed's universal format
@@ -225,7 +292,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
         if reshard:
             ds_config["checkpoint"] = {"load_universal": True}
         engine, optimizer = build_engine(cfg, ds_config)
-        ema = [p.detach().float().clone() for p in partitions(engine.module)] if t.ema_decay else None
+        ema = None
         if saved is not None:
             universal, convert_s = None, 0.0
             if reshard:
@@ -236,24 +303,30 @@ def train_loop_per_worker(task: TrainTask) -> None:
                     checkpoint.to_universal(ckdir, universal)
                 dist.barrier()
                 convert_s = time.perf_counter() - t0
-            state, ema_loaded = checkpoint.load(engine, ckdir, rank=rank, universal=universal)
+            state, ema = checkpoint.load(engine, ckdir, rank=rank, universal=universal, ema=bool(t.ema_decay))
             if universal:
                 dist.barrier()
                 if ctx.get_local_rank() == 0:
                     shutil.rmtree(universal, ignore_errors=True)
             step, samples_seen, skipped_before = state.step, state.samples_seen, state.skipped_samples
             train_loader.load_state_dict(state.loader)
-            if ema is not None and ema_loaded is not None:
-                ema = ema_loaded
             if rank == 0:
                 task.say(f"resumed from step {step} ({samples_seen} samples seen)"
                          + (f"; resharded from {saved.world_size} to {world} workers, "
                             f"grad_accum {t.grad_accum} (universal checkpoint made once per node "
                             f"in {convert_s:.1f} s)" if reshard else "")
-                         + (f"; removed {stale} unfinished local checkpoint folder(s)" if stale else ""))
+                         + (f"; removed {stale} local folder(s) an earlier attempt left" if stale else ""))
+    if rank == 0:     # one save per folder: what an interrupted save of a later step left goes first
+        unfinished = checkpoint.clear_unfinished_saves(cfg.storage.storage_path, cfg.storage.name, after_step=step,
+                                                       timeout_s=t.upload_timeout_s, say=task.say)
+        if unfinished:
+            task.say(f"removed {len(unfinished)} checkpoint folder(s) an interrupted save left: "
+                     + ", ".join(unfinished))
+    if t.ema_decay and ema is None:      # a new run, or a checkpoint without one: from the weights as loaded
+        ema = [p.detach().float().clone() for p in partitions(engine.module)]
     dtype = compute_dtype(cfg)
     for cb in callbacks:
-        cb.on_train_start(engine, step=step, rank=rank)
+        cb.on_train_start(engine, step=step, rank=rank, ema=ema)
 
     total, warmup = task.total_steps, task.warmup_steps
     tracking.fast_fail_env()
@@ -261,18 +334,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
     system = SystemMetrics(cfg.tracking, task.mlflow_run_id, enabled=rank == 0)
 
     def skipped_total() -> int:
-        n = torch.tensor([train_loader.stats.skipped], dtype=torch.int64)
-        dist.all_reduce(n)
-        return skipped_before + int(n)
-
-    def source_samples() -> dict[str, float]:
-        """Samples drawn from each mixture source, summed over ranks (empty without a mixture)."""
-        counts = getattr(train_loader, "source_samples", None)
-        if not counts:
-            return {}
-        n = torch.tensor(list(counts.values()), dtype=torch.float64)
-        dist.all_reduce(n)
-        return {f"data/{name}/samples": float(v) for name, v in zip(counts, n.tolist())}
+        return skipped_before + int(reduce_sum([train_loader.stats.skipped], device).item())
 
     upload = checkpoint.uploader(cfg.storage.storage_path, cfg.storage.name, timeout_s=t.upload_timeout_s,
                                  say=task.say if rank == 0 else print)
@@ -290,12 +352,16 @@ def train_loop_per_worker(task: TrainTask) -> None:
                 export_weights(engine, os.path.join(folder, EMA_WEIGHTS_DIR), rank=rank, ema=ema)
         for cb in callbacks:
             cb.on_save(step, folder)
+        dir_name = f"checkpoint_{step:08d}"
         ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_{step:08d}",
+                         checkpoint_dir_name=dir_name,
                          checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
         log.log({"train/checkpoint_s": time.time() - started}, step)   # on the critical path (sync upload)
 
     # -- steps ---------------------------------------------------------------------------------
+    notice = TerminationNotice().install()
+    preemption_seen = False
+    checkpointed_at = time.time()
     batches = forever(train_loader)
     engine.train()
     window_t, window_n = time.time(), 0
@@ -328,16 +394,34 @@ def train_loop_per_worker(task: TrainTask) -> None:
         for cb in callbacks:
             cb.on_step(step, keys)
 
+        # every step, one CPU scalar (the group's gloo backend: no wait on the GPU's queue): did a
+        # SIGTERM reach any rank? Then every rank checkpoints this step and stops.
+        vote = torch.tensor([notice.received], dtype=torch.int32)
+        dist.all_reduce(vote)
+        stop = bool(vote.item())
+        due = False                            # a checkpoint asked for by the clock or by a preemption
         if step % t.log_every == 0 or step == total:
-            loss_sum = loss_window.double().cpu()
-            dist.all_reduce(loss_sum)
+            # one collective per log step: the loss window, skipped samples, each source's draws, and
+            # rank 0's time since the last checkpoint (the same number for every rank to decide on)
+            counts = getattr(train_loader, "source_samples", None) or {}
+            since = time.time() - checkpointed_at if rank == 0 else 0.0
+            loss_sum, skipped, since, *drawn = reduce_sum(
+                [loss_window, train_loader.stats.skipped, since, *counts.values()], device).tolist()
+            due = bool(t.checkpoint_every_minutes and since >= 60 * t.checkpoint_every_minutes)
+            preemption = ray.train.get_preemption_info()     # a barrier: every rank asks at the same steps
+            if preemption is not None and not preemption_seen:
+                preemption_seen = due = True
+                if rank == 0:
+                    task.say(f"step {step}: preemption notice for node(s) {', '.join(preemption.preempted_node_ids)}"
+                             f" (ranks {preemption.preempted_ranks}): checkpointing now")
             now = time.time()
             ips = window_n * world / max(1e-9, now - window_t)
             gn = engine.get_global_grad_norm()
-            m = {"train/loss": loss_sum.item() / world / window_steps, "train/lr": lr,
+            m = {"train/loss": loss_sum / world / window_steps, "train/lr": lr,
                  "train/grad_norm": float(gn) if gn is not None else float("nan"),
                  "train/images_per_s": ips, "train/samples_seen": samples_seen,
-                 "train/skipped_samples": skipped_total(), **source_samples()}
+                 "train/skipped_samples": skipped_before + int(skipped),
+                 **{f"data/{name}/samples": n for name, n in zip(counts, drawn)}}
             window_t, window_n, window_steps = now, 0, 0
             loss_window.zero_()
             log.log(m, step)
@@ -358,10 +442,16 @@ def train_loop_per_worker(task: TrainTask) -> None:
             log.log(metrics, step)
             if rank == 0:
                 task.say(f"eval  step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or last or stop or due:
             save_and_report(metrics)
+            checkpointed_at = time.time()
         elif metrics:
             ray.train.report({**metrics, "step": step})
+        if stop and not last:
+            if rank == 0:
+                task.say(f"step {step}: SIGTERM reached the group: checkpoint_{step:08d} written, stopping "
+                         "(Ray Train resumes from it)")
+            raise TrainingStopped(f"stopped after step {step} on SIGTERM; checkpoint_{step:08d} holds it")
 
     # -- end -----------------------------------------------------------------------------------
     for cb in callbacks:

@@ -29,3 +29,23 @@ def test_latest_checkpoint_never_picks_an_interrupted_save(tmp_path):
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(
         json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000002"}}))
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")   # Ray's record first
+
+
+def test_a_resumed_attempt_clears_the_saves_it_will_redo(tmp_path):
+    """One save per folder: the folders of steps after the resume point (a save a kill interrupted,
+    at another world size) are removed before this attempt saves there; earlier ones are kept."""
+    from pipeline.checkpoint import clear_unfinished_saves
+
+    run = tmp_path / "run"
+    for step, ranks in ((2, (0, 1)), (4, (0, 1)), (6, (2, 3)), (8, ())):
+        d = run / f"checkpoint_{step:08d}" / "ds"
+        d.mkdir(parents=True)
+        for r in ranks:
+            (d / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    said = []
+    removed = clear_unfinished_saves(str(tmp_path), "run", after_step=4, timeout_s=0, say=said.append)
+    assert removed == ["checkpoint_00000006", "checkpoint_00000008"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_00000002", "checkpoint_00000004",
+                                                     "checkpoint_manager_snapshot.json"]
+    assert clear_unfinished_saves(str(tmp_path), "new_run", after_step=0, timeout_s=0) == [] and not said

@@ -355,11 +355,18 @@ def test_resume_does_not_reopen_consumed_shards(uneven, monkeypatch):
 
 
 def test_resume_rejects_a_different_plan(uneven):
+    """Mid-epoch, another seed or shuffle would change which samples remain (another batch size or
+    world size is a new generation: tests/test_data_elastic.py); a resampled epoch keeps its shape."""
     loader = StreamingLoader(uneven, batch_size=4, img_size=16, num_workers=0)
     next(iter(loader))
     state = loader.state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        StreamingLoader(uneven, batch_size=4, img_size=16, num_workers=0, seed=1).load_state_dict(state)
+    resampled = StreamingLoader(uneven, batch_size=4, img_size=16, num_workers=0, samples_per_epoch=40)
+    next(iter(resampled))
     with pytest.raises(ValueError, match="batch_size"):
-        StreamingLoader(uneven, batch_size=8, img_size=16, num_workers=0).load_state_dict(state)
+        StreamingLoader(uneven, batch_size=8, img_size=16, num_workers=0,
+                        samples_per_epoch=40).load_state_dict(resampled.state_dict())
 
 
 def test_resampled_epochs_have_a_fixed_length_and_resume(uneven):

@@ -111,3 +111,29 @@ def test_a_state_saved_before_the_elastic_cursor_still_resumes(uneven):
     resumed = _loaders(uneven, 1, 0)[0]
     resumed.load_state_dict(v1)
     assert sorted(head + [k for b in resumed for k in b.keys]) == [f"{i:09d}" for i in range(101)]
+
+
+@pytest.mark.parametrize("world,workers,batch,new_world,new_workers,new_batch",
+                         [(2, 2, 4, 3, 2, 3), (2, 1, 4, 1, 1, 8), (3, 2, 5, 2, 2, 2), (2, 2, 4, 2, 2, 6)])
+def test_resume_with_another_batch_size(uneven, world, workers, batch, new_world, new_workers, new_batch):
+    """A micro-batch change mid-epoch (with or without another world size) is a new generation
+    like a world-size change: every remaining sample once, equal steps on every rank."""
+    def loaders(w, k, b):
+        return [StreamingLoader(uneven, rank=r, world_size=w, batch_size=b, img_size=16, num_workers=k,
+                                augment=NO_AUG, shuffle_buffer=10) for r in range(w)]
+    head, states = [], []
+    for loader in loaders(world, workers, batch):
+        for i, b in enumerate(loader, 1):
+            head += b.keys
+            if i == 4:
+                break
+        states.append(loader.state_dict())
+    tail, counts = [], []
+    for loader in loaders(new_world, new_workers, new_batch):
+        loader.load_state_dict(json.loads(json.dumps(states[0])))
+        got = [b for b in loader]
+        tail += [k for b in got for k in b.keys]
+        counts.append(len(got))
+        assert all(len(b) <= new_batch for b in got)
+    assert len(set(counts)) == 1
+    assert sorted(head + tail) == [f"{i:09d}" for i in range(101)]

@@ -43,26 +43,41 @@ def submit(ray_cluster, overrides: list[str], tmp_path) -> str:
 
 
 def test_resume_on_fewer_then_more_workers(ray_cluster, demo_shards, tmp_path):
+    import models
     from pipeline import checkpoint, weights
 
     data = demo_shards
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "runs")
     keys_dir, start_dir = str(tmp_path / "keys"), str(tmp_path / "start")
+    sigterm = str(tmp_path / "sigterm.json")
     outs = []
     for workers, steps in ((2, 4), (1, 8), (2, 12)):
+        probes = [("KeysLog", {"dir": keys_dir}), ("StartState", {"dir": start_dir})]
+        if steps == 12:             # a SIGTERM reaches rank 1 after step 10 (a reclaimed spot node)
+            probes.append(("SigtermAt", {"step": 10, "rank": 1, "marker": sigterm}))
         overrides = [*tiny_overrides(data, storage, "elastic", uri, steps=steps),
                      f"scaling.num_workers={workers}",        # the one knob: accumulation follows
                      "train.schedule=constant", "train.warmup_steps=0", "train.checkpoint_every=4",
                      "train.eval_every=0", "train.keep_last=5", "tracking.system_metrics=false",
-                     callbacks(("KeysLog", {"dir": keys_dir}), ("StartState", {"dir": start_dir}))]
+                     "train.ema_decay=0.9", "train.weight_decay=0.05", callbacks(*probes)]
         if not outs:
             outs.append(submit(ray_cluster, overrides, tmp_path))
             assert os.path.exists(f"{storage}/elastic/weights/model.safetensors")
+            # Ray's record of the run is lost (folders copied elsewhere): the re-run still resumes
+            os.remove(f"{storage}/elastic/checkpoint_manager_snapshot.json")
         else:
             outs.append(run_job(job_cmd(*overrides), job_env(ray_cluster), tmp_path, tmp_path / f"run-{workers}.log"))
+    assert "resuming elastic from checkpoint_00000004 (no Ray snapshot" in outs[1], outs[1]
     assert "resharded from 2 to 1 workers, grad_accum 2" in outs[1], outs[1]
     assert "resharded from 1 to 2 workers, grad_accum 1" in outs[2], outs[2]
     assert all("universal checkpoint made once per node" in outs[i] for i in (1, 2))
+    # SIGTERM on one rank: the step in flight finished, every rank checkpointed it and stopped, and
+    # the group came back from that very step (no step trained twice: the key log below)
+    stopped_at = json.load(open(sigterm))["step"]
+    term_ck = next(int(line.split("checkpoint_")[1][:8]) for line in outs[2].splitlines()
+                   if "SIGTERM reached the group" in line)
+    assert term_ck in (stopped_at, stopped_at + 1), outs[2]
+    assert all(os.path.exists(f"{start_dir}/start.s{term_ck}.rank{r}.json") for r in (0, 1)), outs[2]
     made = checkpoint.node_universal_dir(f"{storage}/elastic", 0).rsplit("-", 1)[0]
     assert not glob.glob(f"{made}-*")                                       # removed after loading
 
@@ -76,6 +91,17 @@ def test_resume_on_fewer_then_more_workers(ray_cluster, demo_shards, tmp_path):
         expect = float(sum(v.to(torch.bfloat16).double().pow(2).sum() for k, v in sd.items()
                            if "running" not in k and "num_batches" not in k and "relative_position_index" not in k))
         assert starts[0]["param_sq_sum"] == pytest.approx(expect, rel=1e-3), (starts[0], expect, from_world)
+        # every parameter group keeps its own hyperparameters (DeepSpeed's universal load copies group
+        # 0's into all: norms, biases and bias tables would be decayed from the first reshard on)
+        assert all([g["weight_decay"] for g in s["groups"]] == [0.05, 0.0] for s in starts), starts
+        # the EMA came along too, re-cut to the new partitioning: each parameter put together from the
+        # saved partitions (padding past its size dropped) has the squares the new partitions hold
+        saved = [torch.load(f"{storage}/elastic/checkpoint_{resumed_at:08d}/ema/rank_{r}.pt", weights_only=True)
+                 for r in range(from_world)]
+        numels = [p.numel() for p in models.create_model("coatnet_pico", num_classes=10, img_size=32).parameters()]
+        saved_sq = float(sum(torch.cat([parts[i] for parts in saved])[:n].double().pow(2).sum()
+                             for i, n in enumerate(numels)))
+        assert saved_sq > 0 and sum(s["ema_sq_sum"] for s in starts) == pytest.approx(saved_sq, rel=1e-6)
 
     # the streamed consolidation (safetensors shards + index) equals the in-memory one
     streamed = weights.load_weights(weights.consolidate_to(

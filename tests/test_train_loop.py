@@ -42,3 +42,47 @@ def test_an_elastic_group_keeps_the_global_batch_and_moves_accumulation():
     assert fit_batch_to_world(cfg, 3) is cfg                   # the configured world: unchanged
     with pytest.raises(PipelineError, match=r"cannot be kept on 4 workers.*divisor of 24"):
         fit_batch_to_world(cfg, 4)
+
+
+@pytest.fixture
+def group_on_meta():
+    """A 2-rank process group whose only backend serves the meta device, as NCCL on GPU workers
+    serves only cuda: a collective on a CPU tensor fails there exactly as it does on a GPU node
+    ("No backend type associated with device type cpu"). torch's fake backend moves no data."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("meta:fake", store=FakeStore(), rank=0, world_size=2)
+    yield torch.device("meta")
+    dist.destroy_process_group()
+
+
+def test_the_loops_reductions_run_on_the_training_device(group_on_meta):
+    import torch.distributed as dist
+
+    from pipeline.evaluate import Scores
+    from pipeline.train import reduce_sum
+
+    with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+        dist.all_reduce(torch.zeros(2))                     # what a host-side reduction meets on a GPU node
+    loss_window = torch.zeros((), device=group_on_meta)
+    summed = reduce_sum([loss_window, 3, 12.0], group_on_meta)   # log step: loss, skipped, a source's draws
+    assert summed.device == group_on_meta and summed.shape == (3,)
+    scores = Scores("single")
+    scores.update(torch.zeros(4, 10, device=group_on_meta), torch.zeros(4, dtype=torch.long, device=group_on_meta))
+    scores.all_reduce(group_on_meta)                        # the evaluation's sums, on the device too
+    assert scores.sums.device == group_on_meta
+
+
+def test_reductions_sum_over_ranks_on_cpu_workers():
+    """The same helper on a real (1-rank) gloo group: values in, sums out, in order."""
+    import torch.distributed as dist
+
+    from helpers import free_port
+    from pipeline.train import reduce_sum
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        assert reduce_sum([torch.tensor(1.5), 2, 3.25], torch.device("cpu")).tolist() == [1.5, 2.0, 3.25]
+    finally:
+        dist.destroy_process_group()

@@ -88,13 +88,14 @@ class DumpWeights(Callback):
 
 class StartState(Callback):
     """When training (re)starts: each rank writes to ``<dir>/start.s<step>.rank<r>.json`` the step,
-    its optimizer's Adam step count and moment norm (0 for a fresh optimizer), and rank 0 adds the
-    sum of squares of all gathered parameters (to compare with the checkpoint it came from)."""
+    its optimizer's Adam step count and moment norm (0 for a fresh optimizer), its parameter groups'
+    hyperparameters, the sum of squares of its EMA partitions, and rank 0 adds the sum of squares of
+    all gathered parameters (to compare with the checkpoint it came from)."""
 
     def __init__(self, dir: str) -> None:
         self.dir = dir
 
-    def on_train_start(self, engine, *, step: int, rank: int) -> None:
+    def on_train_start(self, engine, *, step: int, rank: int, ema=None) -> None:
         import deepspeed
 
         os.makedirs(self.dir, exist_ok=True)
@@ -102,10 +103,30 @@ class StartState(Callback):
         out = {"step": step, "world_size": engine.world_size if hasattr(engine, "world_size") else None,
                "adam_steps": sorted({int(s["step"]) for s in states}),
                "exp_avg_sq_norm": float(sum(s["exp_avg_sq"].float().norm() ** 2 for s in states)) ** 0.5,
-               "grad_accum": engine.gradient_accumulation_steps()}
+               "grad_accum": engine.gradient_accumulation_steps(),
+               "groups": [{"weight_decay": g["weight_decay"], "betas": list(g["betas"])}
+                          for g in engine.optimizer.optimizer.param_groups],
+               "ema_sq_sum": float(sum(e.double().pow(2).sum() for e in ema)) if ema else None}
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params):
             if rank == 0:
                 out["param_sq_sum"] = float(sum(p.detach().double().pow(2).sum() for p in params))
         with open(os.path.join(self.dir, f"start.s{step}.rank{rank}.json"), "w") as f:
             json.dump(out, f)
+
+
+class SigtermAt(Callback):
+    """Rank ``rank`` sends SIGTERM to its own process after step ``step``, once per ``marker`` file
+    (as a spot reclaim or a node shutdown would)."""
+
+    def __init__(self, step: int, rank: int, marker: str) -> None:
+        self.step, self.rank, self.marker, self.my_rank = step, rank, marker, None
+
+    def on_start(self, *, rank: int, world_size: int) -> None:
+        self.my_rank = rank
+
+    def on_step(self, step: int, keys: list[str]) -> None:
+        if step == self.step and self.my_rank == self.rank and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(json.dumps({"step": step, "pid": os.getpid()}))
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -340,10 +340,11 @@ class StreamingLoader:
                 "generations": [{**asdict(g), "consumed": list(g.consumed)} for g in generations]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``: the same epoch, at this loader's world size and workers.
+        """Continue from ``state``: the same epoch, at this loader's world size, workers and batch
+        size (another of any of them starts a new generation of the plan).
 
-        Mid-epoch, the seed, batch size, shuffle, drop_last and samples_per_epoch must match (and,
-        for a resampled epoch, the world size and workers too); otherwise ValueError."""
+        Mid-epoch, the seed, shuffle, drop_last and samples_per_epoch must match (and, for a
+        resampled epoch, the world size, workers and batch size too); otherwise ValueError."""
         if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         if state["index"] != self.index.fingerprint() and state["index"] != self.index.legacy_fingerprint():
@@ -359,9 +360,9 @@ class StreamingLoader:
                                 tuple(int(c) for c in state["consumed"]))]
         started = any(any(g.consumed) for g in saved)
         if started:
-            fields = ["seed", "batch_size", "shuffle", "drop_last", "samples_per_epoch"]
+            fields = ["seed", "shuffle", "drop_last", "samples_per_epoch"]
             if p.samples_per_epoch is not None:
-                fields += ["world_size", "num_streams"]
+                fields += ["world_size", "num_streams", "batch_size"]
             changed = {f: (state[f], mine[f]) for f in fields if state[f] != mine[f]}
             if changed:
                 raise ValueError(f"cannot resume mid-epoch with a different plan {changed} "
@@ -372,8 +373,8 @@ class StreamingLoader:
         if not started:
             self._generations = []
             self._consumed = [0] * p.num_streams
-        elif (last.world_size, last.num_streams, last.shuffle_buffer) == \
-                (p.world_size, p.num_streams, p.shuffle_buffer):
+        elif (last.world_size, last.num_streams, last.shuffle_buffer, last.batch_size) == \
+                (p.world_size, p.num_streams, p.shuffle_buffer, p.batch_size):
             self._generations = saved[:-1]
             self._consumed = list(last.consumed)
         else:
