@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import checkpoint, tracking
+from pipeline import checkpoint, elastic, tracking
 from pipeline.cluster import ray_session, storage_filesystem, worker_env
 from pipeline.config import Config, ConfigError, flat_params, is_remote, resolve_paths, resolved_dict
 from pipeline.console import ProgressChannel, say
@@ -128,12 +128,12 @@ def prepare(cfg: Config) -> tuple[Config, TrainTask]:
                           "bf16 CPU kernels (CppCompileError); set train.bf16=false or model.compile=false")
     s = cfg.scaling
     if s.min_workers:
-        t = cfg.train
-        bad = [w for w in range(s.min_workers, s.num_workers + 1) if t.global_batch % (w * t.micro_batch)]
-        if s.min_workers > s.num_workers or bad:
-            raise ConfigError(f"scaling.min_workers..num_workers = {s.min_workers}..{s.num_workers}: "
-                              + (f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
-                                 f"{t.micro_batch} x {bad[0]} workers" if bad else "min exceeds max"))
+        if s.min_workers > s.num_workers:
+            raise ConfigError(f"scaling.min_workers ({s.min_workers}) exceeds scaling.num_workers ({s.num_workers})")
+        counts = elastic.allowed_counts(cfg.train.global_batch, s.min_workers, s.num_workers)
+        if counts == [s.num_workers] and s.min_workers < s.num_workers:
+            raise ConfigError(f"scaling.min_workers: no count in {s.min_workers}..{s.num_workers - 1} divides "
+                              f"train.global_batch {cfg.train.global_batch}; the run could never shrink")
     check_storage(cfg.storage.storage_path)
     t = cfg.train
     per_epoch = (cfg.data.samples_per_epoch or train_samples) / t.global_batch   # a mixture: all sources once
@@ -168,15 +168,26 @@ def make_trainer(cfg: Config, task: TrainTask):
     env = worker_env()
     env.setdefault("OMP_NUM_THREADS", str(s.torch_threads or max(1, int(s.cpus_per_worker))))
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
-    return TorchTrainer(
+    counts = elastic.allowed_counts(cfg.train.global_batch, s.min_workers or s.num_workers, s.num_workers)
+
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            if self.scaling_config.elasticity_enabled:     # Ray's elastic policy, on batch-splitting counts
+                controller_init_kwargs["scaling_policy"] = elastic.make_policy(
+                    self.scaling_config, counts=counts, key=task.grow_key, say=task.say)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    if s.min_workers:
+        task.grow_key = elastic.grow_key(f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}")
+    return Trainer(
         train_loop_per_worker,
         train_loop_config=task,
         # on GPU workers a CPU backend beside NCCL, so that no host-side collective (a library's,
         # a callback's) can fail with "no backend for device type cpu"; the loop's own run on the device
         torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
-                                     use_gpu=s.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=(counts[0], s.num_workers) if s.min_workers else s.num_workers,
+                                     use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=s.resize_check_s),
         run_config=RunConfig(
             name=cfg.storage.name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pipeline import checkpoint, tracking
 from pipeline.checkpoint import TrainState
 from pipeline.config import CallbackSpec, Config
+from pipeline.elastic import GrowRequests
 from pipeline.engine import build_engine, compute_dtype, deepspeed_config, export_weights, partitions, swapped_in
 from pipeline.evaluate import Scores
 from pipeline.redact import redact, redact_values
@@ -44,6 +45,7 @@ class TrainTask:
     mlflow_run_id: str | None = None
     progress: Any = None               # pipeline.console.ProgressChannel, None: print
     resume_from: str | None = None     # a checkpoint folder (URL) when Ray has none registered to resume from
+    grow_key: str | None = None        # elastic runs: where the controller asks for a checkpoint before growing
 
     def cfg(self) -> Config:
         return Config.model_validate(self.config)
@@ -130,23 +132,24 @@ def build_callbacks(specs: list[CallbackSpec]) -> list[Callback]:
 # ---------------------------------------------------------------------------------------------
 
 def fit_batch_to_world(cfg: Config, world: int) -> Config:
-    """``cfg`` for ``world`` workers with the same global batch and micro batch: gradient
-    accumulation absorbs the change (an elastic group that shrank or grew). PipelineError when the
-    global batch cannot be split that way."""
+    """``cfg`` for ``world`` workers with the same global batch: gradient accumulation absorbs the
+    change, and the micro-batch shrinks to the largest divisor of the per-rank batch not above the
+    configured one when it must (an elastic group that shrank or grew; the data cursor carries a
+    micro-batch change). PipelineError when ``world`` does not divide the global batch."""
     from pipeline.errors import PipelineError
 
     t = cfg.train
     if t.micro_batch * t.grad_accum * world == t.global_batch:
         return cfg
-    per_rank, rest = divmod(t.global_batch, world * t.micro_batch)
+    per_rank, rest = divmod(t.global_batch, world)
     if rest or per_rank == 0:
-        fits = [m for m in range(1, t.global_batch // world + 1) if (t.global_batch // world) % m == 0]
         raise PipelineError(
-            f"train.global_batch {t.global_batch} cannot be kept on {world} workers with train.micro_batch "
-            f"{t.micro_batch}: set train.micro_batch to a divisor of {t.global_batch // world} "
-            f"(e.g. {fits[-1] if fits else 1}) or scaling limits whose worker counts divide the batch")
+            f"train.global_batch {t.global_batch} cannot be split evenly over {world} workers: "
+            f"run on a count that divides it (scaling.min_workers lets Ray choose one)")
+    micro = max(m for m in range(1, min(t.micro_batch, per_rank) + 1) if per_rank % m == 0)
     data = cfg.model_dump(mode="json")
-    data["train"]["grad_accum"] = per_rank
+    data["train"]["micro_batch"] = micro
+    data["train"]["grad_accum"] = per_rank // micro
     data["scaling"]["num_workers"] = world
     return Config.model_validate(data)
 
@@ -360,6 +363,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
 
     # -- steps ---------------------------------------------------------------------------------
     notice = TerminationNotice().install()
+    grow = GrowRequests(task.grow_key)
     preemption_seen = False
     checkpointed_at = time.time()
     batches = forever(train_loader)
@@ -399,15 +403,23 @@ def train_loop_per_worker(task: TrainTask) -> None:
         vote = torch.tensor([notice.received], dtype=torch.int32)
         dist.all_reduce(vote)
         stop = bool(vote.item())
-        due = False                            # a checkpoint asked for by the clock or by a preemption
+        due = grow_asked = False               # a checkpoint asked for by the clock, a preemption, a grow
         if step % t.log_every == 0 or step == total:
             # one collective per log step: the loss window, skipped samples, each source's draws, and
             # rank 0's time since the last checkpoint (the same number for every rank to decide on)
+            # and whether the controller asks to grow the group (elastic runs; rank 0 reads it)
             counts = getattr(train_loader, "source_samples", None) or {}
             since = time.time() - checkpointed_at if rank == 0 else 0.0
-            loss_sum, skipped, since, *drawn = reduce_sum(
-                [loss_window, train_loader.stats.skipped, since, *counts.values()], device).tolist()
+            request = grow.pending() if rank == 0 else None
+            loss_sum, skipped, since, grow_asked, *drawn = reduce_sum(
+                [loss_window, train_loader.stats.skipped, since, request is not None, *counts.values()],
+                device).tolist()
             due = bool(t.checkpoint_every_minutes and since >= 60 * t.checkpoint_every_minutes)
+            if grow_asked:
+                due = True
+                if rank == 0:
+                    task.say(f"step {step}: more resources for {request['to']} workers: checkpointing "
+                             "before the group restarts on them")
             preemption = ray.train.get_preemption_info()     # a barrier: every rank asks at the same steps
             if preemption is not None and not preemption_seen:
                 preemption_seen = due = True
@@ -447,6 +459,13 @@ def train_loop_per_worker(task: TrainTask) -> None:
             checkpointed_at = time.time()
         elif metrics:
             ray.train.report({**metrics, "step": step})
+        if grow_asked and not last:
+            # the checkpoint is reported: the controller restarts the group on more workers now and
+            # this process ends here; should it withdraw (the resources went away), training goes on
+            if rank == 0:
+                grow.answer(request, step)
+                grow.wait_for_restart(timeout_s=300)
+            dist.barrier()
         if stop and not last:
             if rank == 0:
                 task.say(f"step {step}: SIGTERM reached the group: checkpoint_{step:08d} written, stopping "

@@ -99,7 +99,10 @@ class RayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")    # short: unix socket paths
         self.token = uuid.uuid4().hex + uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(PATH=f"{venv_bin}:{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        env.update(PATH=f"{venv_bin}:{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
+                   # a node that stops answering is declared dead after 3 s (Ray's default: about 15 s)
+                   RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
+                   RAY_health_check_failure_threshold="3")
         self.gcs_port, dash = free_port(), free_port()
         ports = {"--port": self.gcs_port, "--dashboard-port": dash, "--node-manager-port": free_port(),
                  "--object-manager-port": free_port(), "--ray-client-server-port": free_port(),
@@ -141,6 +144,43 @@ class RayHead:
     def stop(self) -> None:
         """Every process of this head: its session, and those Ray started in sessions of their own
         (GCS, raylet, workers), which all name our temp dir on their command line."""
+        kill_session(self.proc)
+        kill_processes_under(self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def add_node(self, num_cpus: int, resources: dict[str, float]) -> RayNode:
+        """Another node of this cluster: its own raylet (``ray start --address``), ports and temp dir."""
+        return RayNode(self, num_cpus, resources)
+
+
+def _node_ports() -> dict[str, int]:
+    ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
+    low = random.randrange(20000, 29900, 100)
+    while any(low <= p <= low + 99 for p in ports.values()):
+        low = random.randrange(20000, 29900, 100)
+    return {**ports, "--min-worker-port": low, "--max-worker-port": low + 99}
+
+
+class RayNode:
+    """A worker node joined to a ``RayHead`` on this machine, as a cloud node joins a cluster; ``kill()``
+    is the node dying (SIGKILL to its raylet and every worker on it, no goodbye)."""
+
+    def __init__(self, head: RayHead, num_cpus: int, resources: dict[str, float]) -> None:
+        venv_bin = os.path.dirname(sys.executable)
+        self.temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+        env = {**head.env}
+        env.pop("RAY_ADDRESS", None)
+        cmd = [os.path.join(venv_bin, "ray"), "start", "--address", head.env["RAY_ADDRESS"], "--block",
+               "--num-cpus", str(num_cpus), "--resources", json.dumps(resources), "--temp-dir", self.temp_dir,
+               "--disable-usage-stats"]
+        for k, v in _node_ports().items():
+            cmd += [k, str(v)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=open(os.path.join(self.temp_dir, "node.log"), "w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
         kill_session(self.proc)
         kill_processes_under(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -314,8 +314,11 @@ def test_every_recipe_says_how_to_run_it_and_what_to_expect():
 def test_preflight_refuses_bf16_compile_on_cpu(demo_data, tmp_path):
     with pytest.raises(ConfigError, match="model.compile with train.bf16 on CPU"):
         _prepare(demo_data, tmp_path, "model.compile=true", "train.bf16=true")
-    with pytest.raises(ConfigError, match="scaling.min_workers"):
+    with pytest.raises(ConfigError, match=r"scaling.min_workers \(3\) exceeds scaling.num_workers \(2\)"):
         _prepare(demo_data, tmp_path, "scaling.min_workers=3")
+    with pytest.raises(ConfigError, match=r"no count in 3..3 divides train.global_batch 64"):
+        _prepare(demo_data, tmp_path, "scaling.num_workers=4", "scaling.min_workers=3", "train.global_batch=64",
+                 "train.micro_batch=16")
 
 
 def test_mixture_config_errors(demo_data, tmp_path):

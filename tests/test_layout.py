@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import modules of its own rank only inside its package (data/*)
 ORDER = [
-    ["pipeline.errors", "pipeline.redact", "pipeline.retry", "pipeline.cluster"],
+    ["pipeline.errors", "pipeline.redact", "pipeline.retry", "pipeline.cluster", "pipeline.elastic"],
     ["models"],
     ["pipeline.data", "pipeline.activations"],
     ["pipeline.config", "pipeline.console", "pipeline.tracking", "pipeline.capacity"],

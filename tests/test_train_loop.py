@@ -31,17 +31,37 @@ def test_losses():
 
 
 def test_an_elastic_group_keeps_the_global_batch_and_moves_accumulation():
-    """Ray Train may hand the loop fewer (or more) workers than configured: the global and micro
-    batch stay, accumulation absorbs the change; a world that cannot split the batch is one clear error."""
+    """Ray Train may hand the loop fewer (or more) workers than configured: the global batch stays,
+    accumulation absorbs the change, and the micro-batch shrinks only when it must (to the largest
+    divisor of the per-rank batch); a world that cannot split the batch is one clear error."""
     cfg = load_config("configs/demo.yaml", ["train.global_batch=96", "train.micro_batch=16", "scaling.num_workers=3"])
     assert cfg.train.grad_accum == 2
-    for world, accum in ((1, 6), (2, 3), (3, 2), (6, 1)):
+    for world, micro, accum in ((1, 16, 6), (2, 16, 3), (6, 16, 1), (4, 12, 2), (8, 12, 1), (32, 3, 1)):
         fitted = fit_batch_to_world(cfg, world)
         t = fitted.train
-        assert (t.global_batch, t.micro_batch, t.grad_accum, fitted.scaling.num_workers) == (96, 16, accum, world)
+        assert (t.global_batch, t.micro_batch, t.grad_accum, fitted.scaling.num_workers) == (96, micro, accum, world)
+        assert t.micro_batch * t.grad_accum * world == 96
     assert fit_batch_to_world(cfg, 3) is cfg                   # the configured world: unchanged
-    with pytest.raises(PipelineError, match=r"cannot be kept on 4 workers.*divisor of 24"):
-        fit_batch_to_world(cfg, 4)
+    with pytest.raises(PipelineError, match=r"cannot be split evenly over 5 workers"):
+        fit_batch_to_world(cfg, 5)
+
+
+def test_elastic_counts_keep_the_batch_and_the_policy_rounds_down(tmp_path):
+    """scaling.min_workers: the counts a run may use divide the global batch; Ray's count of what
+    the resources hold is rounded down to one of them (below the smallest: wait, a count of 0)."""
+    from ray.train import ScalingConfig
+
+    from pipeline.elastic import allowed_counts, make_policy
+
+    assert allowed_counts(4096, 32, 64) == [32, 64]
+    assert allowed_counts(4032, 48, 64) == [48, 56, 63, 64]
+    policy = make_policy(ScalingConfig(num_workers=(32, 64)), counts=allowed_counts(4096, 32, 64), key="k")
+    policy._live_capacity = lambda: 64          # what ray.nodes() says is alive (no Ray in this test)
+    per_node = {f"node{i}": {"CPU": 8.0} for i in range(8)}                # 8 nodes of 8 CPU workers
+    assert policy._count_possible_workers(per_node) == 64
+    del per_node["node3"]                                                 # a node gone: 56 -> 32
+    assert policy._count_possible_workers(per_node) == 32
+    assert policy._count_possible_workers({"node0": {"CPU": 31.0}}) == 0  # below the smallest: wait
 
 
 @pytest.fixture

@@ -37,17 +37,23 @@ class DieDuringSave(Callback):
 
 
 class KeysLog(Callback):
-    """Each rank appends {"step", "keys"} per optimizer step to ``<dir>/keys.rank<r>.jsonl``."""
+    """Each rank appends {"step", "keys", "world", "start"} per optimizer step to
+    ``<dir>/keys.rank<r>.jsonl`` ("start": the step this attempt of the group resumed from)."""
 
     def __init__(self, dir: str) -> None:
-        self.dir, self.file = dir, None
+        self.dir, self.file, self.world, self.start = dir, None, None, None
 
     def on_start(self, *, rank: int, world_size: int) -> None:
         os.makedirs(self.dir, exist_ok=True)
         self.file = open(os.path.join(self.dir, f"keys.rank{rank}.jsonl"), "a")
+        self.world = world_size
+
+    def on_train_start(self, engine, *, step: int, rank: int, ema=None) -> None:
+        self.start = step
 
     def on_step(self, step: int, keys: list[str]) -> None:
-        self.file.write(json.dumps({"step": step, "keys": keys}) + "\n")
+        self.file.write(json.dumps({"step": step, "keys": keys, "world": self.world, "start": self.start,
+                                    "t": time.time()}) + "\n")
         self.file.flush()
 
     def on_end(self, engine, *, rank: int) -> None:
@@ -130,3 +136,22 @@ class SigtermAt(Callback):
             with open(self.marker, "w") as f:
                 f.write(json.dumps({"step": step, "pid": os.getpid()}))
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Gate(Callback):
+    """Rank ``rank`` holds after step ``step`` until the file ``release`` exists (the other ranks then
+    wait in the next collective), having written ``<release>.held``: a test acts on a run at a known
+    step. A later attempt reaching the step again passes (the file exists by then)."""
+
+    def __init__(self, step: int, rank: int, release: str) -> None:
+        self.step, self.rank, self.release, self.my_rank = step, rank, release, None
+
+    def on_start(self, *, rank: int, world_size: int) -> None:
+        self.my_rank = rank
+
+    def on_step(self, step: int, keys: list[str]) -> None:
+        if step == self.step and self.my_rank == self.rank and not os.path.exists(self.release):
+            with open(f"{self.release}.held", "w") as f:
+                f.write(json.dumps({"step": step, "pid": os.getpid()}))
+            while not os.path.exists(self.release):
+                time.sleep(0.1)
