@@ -42,7 +42,8 @@ def _from_recipe(path: str):
     cfg = load_config(path)
     fields = {"variant": cfg.model.variant, "img_size": cfg.model.img_size,
               "global_batch": cfg.train.global_batch, "num_gpus": cfg.scaling.num_workers,
-              "offload": cfg.deepspeed.offload, "checkpointing": cfg.model.grad_checkpointing}
+              "offload": cfg.deepspeed.offload, "checkpointing": cfg.model.grad_checkpointing,
+              "architecture": tuple(sorted(cfg.model.architecture().items()))}
     if cfg.train.epochs:
         fields["epochs"] = cfg.train.epochs
     zero = planner.ZeroSettings.from_deepspeed_config(deepspeed_config(cfg))
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
                          "config the trainer generates; flags given here override it")
     ap.add_argument("--variant", default=None, help=f"model name for models.create_model ({d.variant})")
     ap.add_argument("--img-size", type=int, default=None, help=f"({d.img_size})")
+    ap.add_argument("--preset", choices=["timm", "paper"], default=None,
+                    help="the network's form (model.preset; default: the recipe's, else timm)")
     ap.add_argument("--dataset", type=_count, default=d.dataset_size,
                     help=f"images per epoch, or one of {', '.join(planner.DATASETS)} (default jft-300m)")
     ap.add_argument("--epochs", type=float, default=None, help=f"({d.epochs:g})")
@@ -92,15 +95,18 @@ def main(argv=None) -> int:
         return 0
 
     fields = {k: getattr(d, k) for k in ("variant", "img_size", "epochs", "global_batch",
-                                          "num_gpus", "offload", "checkpointing")}
+                                          "num_gpus", "offload", "checkpointing", "architecture")}
     zero = None
     try:
         if args.config:
             recipe, zero = _from_recipe(args.config)
             fields.update(recipe)
         for k in fields:
-            if getattr(args, k) is not None:
+            if getattr(args, k, None) is not None:
                 fields[k] = getattr(args, k)
+        if args.preset is not None:
+            arch = {**dict(fields["architecture"]), "preset": args.preset}
+            fields["architecture"] = tuple(sorted((k, v) for k, v in arch.items() if (k, v) != ("preset", "timm")))
         inp = planner.PlanInputs(
             **fields, dataset_size=args.dataset, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
             mfu=args.mfu, bytes_per_image=args.bytes_per_image, min_micro_batch=args.min_micro_batch,

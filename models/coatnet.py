@@ -57,7 +57,11 @@ class CoAtNetConfig:
     pool: PoolType = "avg"  # 2x2 stride-2 pooling for downsampling (timm: avg; paper: max)
     ffn_expand: int = 4
     bn_eps: float = 1e-5
+    bn_momentum: float = 0.1  # PyTorch's convention (new = (1 - m) old + m batch); TF's 0.99 is 0.01 here
     ln_eps: float = 1e-6
+    # stochastic depth from 0 at the first block: 'linear' reaches the rate at the last block
+    # (timm); 'reference' gives block i of L the rate x i / L (the TF MaxViT code), the last rate x (L-1)/L
+    drop_path_schedule: Literal["linear", "reference"] = "linear"
     resize_mode: str = "bilinear"  # bias-table interpolation when the image size changes
     channels_last: bool = True  # run the conv stages in channels_last memory format (faster on CPU)
     attn_backend: AttnBackend = "auto"  # see RelativeAttention; every backend computes the same function
@@ -71,6 +75,10 @@ class CoAtNetConfig:
             raise ValueError(f"se_act must be 'silu' or 'gelu', got {self.se_act!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.drop_path_schedule not in ("linear", "reference"):
+            raise ValueError(f"drop_path_schedule must be 'linear' or 'reference', got {self.drop_path_schedule!r}")
+        if not 0.0 < self.bn_momentum < 1.0 or self.bn_eps <= 0:
+            raise ValueError(f"bn_momentum must be in (0, 1) and bn_eps > 0, got {self.bn_momentum}, {self.bn_eps}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         for stage in self.stages:
@@ -150,7 +158,24 @@ class DropPath(nn.Module):
         return f"rate={self.rate:.3f}"
 
 
-class BatchNormAct2d(nn.BatchNorm2d):
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose running statistics may stay fp32 while the weights are bf16 (DeepSpeed's
+    bf16 engine casts parameters, not buffers): the affine weights are then upcast for the call,
+    PyTorch's mixed-type kernel (bf16 input, fp32 weights and statistics, bf16 output). Running
+    statistics in bf16 would round away updates below ~0.4% of their value (momentum 0.01 of the
+    reference: every update of a settled statistic)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = self.running_mean
+        if stats is None or self.weight is None or self.weight.dtype == stats.dtype:
+            return super().forward(x)
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, stats, self.running_var, self.weight.to(stats.dtype), self.bias.to(stats.dtype),
+                            self.training, self.momentum, self.eps)
+
+
+class BatchNormAct2d(BatchNorm2d):
     """BatchNorm2d followed by GELU (state-dict names of a plain BatchNorm2d, as timm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,10 +213,10 @@ class SqueezeExcite(nn.Module):
 class Stem(nn.Module):
     """S0: 3x3 conv stride 2, BN+GELU, 3x3 conv (no norm after: the next block pre-norms)."""
 
-    def __init__(self, in_chans: int, width: int, bn_eps: float) -> None:
+    def __init__(self, in_chans: int, width: int, bn_eps: float, bn_momentum: float = 0.1) -> None:
         super().__init__()
         self.conv1 = ConvEffInit(in_chans, width, 3, stride=2, padding=1, bias=False)
-        self.norm1 = BatchNormAct2d(width, eps=bn_eps)
+        self.norm1 = BatchNormAct2d(width, eps=bn_eps, momentum=bn_momentum)
         self.conv2 = ConvEffInit(width, width, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,11 +233,11 @@ class MBConvBlock(nn.Module):
         mid = dim_out * cfg.mbconv_expand
         self.shortcut_proj = ConvEffInit(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
         expand_stride, dw_stride = (stride, 1) if cfg.stride_mode == "expand" else (1, stride)
-        self.pre_norm = nn.BatchNorm2d(dim_in, eps=cfg.bn_eps)
+        self.pre_norm = BatchNorm2d(dim_in, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         self.conv1_1x1 = ConvEffInit(dim_in, mid, 1, stride=expand_stride, bias=False)
-        self.norm1 = BatchNormAct2d(mid, eps=cfg.bn_eps)
+        self.norm1 = BatchNormAct2d(mid, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         self.conv2_kxk = ConvEffInit(mid, mid, 3, stride=dw_stride, padding=1, groups=mid, bias=False)
-        self.norm2 = BatchNormAct2d(mid, eps=cfg.bn_eps)
+        self.norm2 = BatchNormAct2d(mid, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         self.se = SqueezeExcite(mid, int(cfg.se_ratio * dim_out), cfg.se_act)
         self.conv3_1x1 = ConvEffInit(mid, dim_out, 1)
         self.drop_path = DropPath(drop_path)
@@ -460,9 +485,12 @@ class CoAtNet(nn.Module):
         self.num_classes = num_classes
         self.drop_path_rate = rate
 
-        self.stem = Stem(in_chans, config.stem_width, config.bn_eps)
+        self.stem = Stem(in_chans, config.stem_width, config.bn_eps, config.bn_momentum)
         total_blocks = sum(stage.depth for stage in config.stages)
-        rates = torch.linspace(0, rate, total_blocks, device="cpu").tolist() if total_blocks > 1 else [rate]
+        if config.drop_path_schedule == "reference":
+            rates = [rate * i / total_blocks for i in range(total_blocks)]
+        else:
+            rates = torch.linspace(0, rate, total_blocks, device="cpu").tolist() if total_blocks > 1 else [rate]
         grid = (img_size[0] // 2, img_size[1] // 2)
         dim, first = config.stem_width, 0
         stages: list[nn.Module] = []

@@ -172,13 +172,15 @@ class ActivationModel:
 
 
 @functools.lru_cache(maxsize=64)
-def activation_model(variant: str, img_size: int, batches: tuple[int, int] = (1, 2)) -> ActivationModel:
+def activation_model(variant: str, img_size: int, batches: tuple[int, int] = (1, 2),
+                     architecture: tuple = ()) -> ActivationModel:
     """Measure the actual variant at the actual resolution on the meta device at two batch sizes
     and fit bytes = a + b x batch (activations are linear in batch; the intercept is the few
     batch-independent saved tensors, e.g. relative-position bias tables)."""
     b0, b1 = batches
-    m0 = measure_activations(models.create_model(variant, img_size=img_size, device="meta"), b0, img_size)
-    m1 = measure_activations(models.create_model(variant, img_size=img_size, device="meta"), b1, img_size)
+    arch = dict(architecture)      # the network's form (preset, stride placement): pipeline.config
+    m0 = measure_activations(models.create_model(variant, img_size=img_size, device="meta", **arch), b0, img_size)
+    m1 = measure_activations(models.create_model(variant, img_size=img_size, device="meta", **arch), b1, img_size)
     slope = (m1.saved_bytes - m0.saved_bytes) / (b1 - b0)
     slope_c = (m1.checkpointed_bytes - m0.checkpointed_bytes) / (b1 - b0)
     return ActivationModel(

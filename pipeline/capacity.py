@@ -131,7 +131,7 @@ class ModelFacts:
         return 3 * self.forward_flops
 
 
-def count_macs(variant: str, img_size: int, device: str = "auto") -> int:
+def count_macs(variant: str, img_size: int, device: str = "auto", architecture: tuple = ()) -> int:
     """MACs per image (batch 1) from the model's own counter, ``models.count_flops``.
 
     device="auto": on a meta-device model (no memory, no compute: CoAtNet-7's 2.4 B parameters
@@ -141,16 +141,18 @@ def count_macs(variant: str, img_size: int, device: str = "auto") -> int:
 
     if device == "auto":
         try:
-            return count_macs(variant, img_size, "meta")
+            return count_macs(variant, img_size, "meta", architecture)
         except (RuntimeError, NotImplementedError, TypeError):
             device = "cpu"
-    model = models.create_model(variant, img_size=img_size, device=device)
+    model = models.create_model(variant, img_size=img_size, device=device, **dict(architecture))
     return int(models.count_flops(model, img_size=img_size, batch_size=1))
 
 
 @functools.lru_cache(maxsize=64)
-def model_facts(variant: str, img_size: int, param_persistence_threshold: int = 100_000) -> ModelFacts:
-    model = models.create_model(variant, img_size=img_size, device="meta")
+def model_facts(variant: str, img_size: int, param_persistence_threshold: int = 100_000,
+                architecture: tuple = ()) -> ModelFacts:
+    """``architecture``: ``ModelConfig.architecture()`` items (preset, form fields), as a tuple."""
+    model = models.create_model(variant, img_size=img_size, device="meta", **dict(architecture))
     numels = [p.numel() for p in model.parameters()]
     return ModelFacts(
         variant=variant,
@@ -158,7 +160,7 @@ def model_facts(variant: str, img_size: int, param_persistence_threshold: int = 
         params=sum(numels),
         persistent_params=sum(n for n in numels if n <= param_persistence_threshold),
         largest_param=max(numels),
-        macs_per_image=count_macs(variant, img_size),
+        macs_per_image=count_macs(variant, img_size, architecture=architecture),
     )
 
 
@@ -258,6 +260,8 @@ class PlanInputs:
     decode_images_per_core_s: float = 300.0
     min_micro_batch: int = 8  # BatchNorm in the MBConv stages wants a few images per rank
     headroom: float = DEFAULT_HEADROOM
+    # the network's form: ModelConfig.architecture() items, e.g. (("preset", "paper"),); () = timm's
+    architecture: tuple = ()
     usd_per_gpu_hour: Optional[float] = None
 
 
@@ -321,8 +325,8 @@ def plan(inp: PlanInputs, zero: Optional[ZeroSettings] = None) -> Plan:
     zero = zero or ZeroSettings(offload=inp.offload)
     if zero.offload != inp.offload:
         zero = dataclasses.replace(zero, offload=inp.offload)
-    facts = model_facts(inp.variant, inp.img_size, zero.param_persistence_threshold)
-    act = activation_model(inp.variant, inp.img_size)
+    facts = model_facts(inp.variant, inp.img_size, zero.param_persistence_threshold, inp.architecture)
+    act = activation_model(inp.variant, inp.img_size, architecture=inp.architecture)
     gpu = GPUS[inp.gpu]
 
     images = inp.dataset_size * inp.epochs
@@ -403,7 +407,8 @@ def format_plan(p: Plan) -> str:
     i, f, m = p.inputs, p.facts, p.memory
     gpu = GPUS[i.gpu]
     compute = [
-        ("model", f"{i.variant} @ {i.img_size}px: {f.params / 1e6:,.1f} M params"),
+        ("model", f"{i.variant} @ {i.img_size}px ({dict(i.architecture).get('preset', 'timm')} form): "
+                  f"{f.params / 1e6:,.1f} M params"),
         ("forward MACs / image", f"{f.macs_per_image / 1e9:,.2f} G (models.count_flops)"),
         ("forward FLOPs / image", f"{f.forward_flops / 1e9:,.2f} G  (= 2 x MACs)"),
         ("train FLOPs / image", f"{f.train_flops / 1e9:,.2f} G  (= 3 x forward)"),

@@ -42,6 +42,20 @@ class ModelConfig(Section):
     zero_init: bool = False                          # build under deepspeed.zero.Init (big variants)
     attn_backend: Literal["auto", "sdpa", "flex", "math"] = "auto"   # see models/README.md
     compile: bool | None = None                      # torch.compile per block; None: on with GPUs
+    # the network's form (models.create_model's preset and fields); see models/README.md
+    preset: Literal["timm", "paper"] = "timm"        # paper: Eq. 5 stride, max pool, C-5 head 64, SD endpoint
+    stride_mode: Literal["dw", "expand"] | None = None   # None: the preset's (paper's C-3 JFT: "dw")
+    bn_eps: float | None = Field(None, gt=0)         # None: PyTorch's 1e-5 (TF reference: 1e-3)
+    bn_momentum: float | None = Field(None, gt=0, lt=1)  # PyTorch convention; None: 0.1 (TF's 0.99 = 0.01)
+
+    def architecture(self) -> dict[str, Any]:
+        """``models.create_model`` keyword arguments for the form of the network: the preset and the
+        fields set here (also what a ModelSpec records so a served model is built the same)."""
+        out: dict[str, Any] = {"preset": self.preset} if self.preset != "timm" else {}
+        for key in ("stride_mode", "bn_eps", "bn_momentum"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     @field_validator("img_size")
     @classmethod

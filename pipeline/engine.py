@@ -81,7 +81,7 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=m.zero_init):
         model = models.create_model(m.variant, num_classes=m.num_classes, img_size=m.img_size,
                                     drop_path_rate=m.drop_path_rate, attn_backend=m.attn_backend,
-                                    grad_checkpointing=m.grad_checkpointing)
+                                    grad_checkpointing=m.grad_checkpointing, **m.architecture())
     if cfg.init.from_checkpoint:
         sd = load_weights(cfg.init.from_checkpoint)
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0,
@@ -133,16 +133,28 @@ def build_engine(cfg: Config, ds_config: dict[str, Any]):
 
     model = build_model(cfg, ds_config)
     optimizer = build_optimizer(cfg, model)
-    dtype = compute_dtype(cfg)
-    for b in model.buffers():          # DeepSpeed casts parameters; BatchNorm stats must follow
-        if b.is_floating_point():
-            b.data = b.data.to(dtype)
+    fp32_batchnorm_stats(model)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.model.compile if cfg.model.compile is not None else cfg.scaling.use_gpu:
         # DeepSpeed's own torch.compile integration: it knows where ZeRO-3 gathers and releases
         # parameters (compiling the blocks ourselves breaks ZeRO-3's backward: released parameters)
         engine.compile()
     return engine, optimizer
+
+
+def fp32_batchnorm_stats(model: torch.nn.Module) -> int:
+    """BatchNorm running statistics in fp32: ``zero.Init`` builds every floating tensor
+    in the training dtype and bf16 statistics round away updates below ~0.4% of their value;
+    DeepSpeed's engine casts parameters only, so once fp32 they stay fp32 (models' BatchNorm2d
+    upcasts its bf16 weights for the call). Returns the number of tensors upcast."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            for b in (m.running_mean, m.running_var):
+                if b.dtype != torch.float32:
+                    b.data = b.data.float()
+                    n += 1
+    return n
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:
@@ -152,6 +164,25 @@ def compute_dtype(cfg: Config) -> torch.dtype:
 def partitions(model: torch.nn.Module) -> list[torch.Tensor]:
     """This rank's ZeRO-3 partitions, in parameter order."""
     return [p.ds_tensor for p in model.parameters() if hasattr(p, "ds_tensor")]
+
+
+def master_partitions(engine) -> list[torch.Tensor]:
+    """This rank's fp32 master weights, one tensor per ZeRO-3 partition in ``partitions()`` order:
+    views into the optimizer's flat fp32 groups (``fp32_partitioned_groups_flat``, DeepSpeed's
+    ``safe_get_local_fp32_param``), the same size as the bf16 partition (``ds_tensor``), so an EMA
+    of them keeps the saved format ``checkpoint.load_ema`` re-cuts. The EMA follows these, not the
+    bf16 copies the forward uses: at a fine-tuning lr of 5e-5 most updates are below bf16's
+    resolution (tests/test_engine_precision.py measures it). With the optimizer swapped to NVMe
+    (``deepspeed.offload=nvme``) reading them would swap every group in at every step: there, and
+    for a parameter the optimizer does not hold, the bf16 partition upcast."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    swapped = bool(getattr(engine.optimizer, "swap_optimizer", False))
+    out = []
+    for p in _zero_params(engine):
+        master = safe_get_local_fp32_param(p) if p.requires_grad and not swapped else None
+        out.append(p.ds_tensor.detach().float() if master is None else master.detach())
+    return out
 
 
 def _zero_params(engine) -> list[torch.nn.Parameter]:

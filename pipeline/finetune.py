@@ -97,6 +97,7 @@ class SourceModel:
     ref: str                           # as the user gave it
     weights: str                       # a weights folder or file (pipeline.weights.weight_files), local or URL
     variant: str | None = None         # None: unknown (a bare weights file); checked by shapes alone
+    preset: str | None = None          # the network's form (model.preset); None: unknown
     img_size: int | None = None
     num_classes: int | None = None
     class_names: list[str] | None = None
@@ -159,7 +160,8 @@ def _from_mlflow_model(kind: str, uri: str) -> SourceModel:
 
     with _source_scratch() as scratch:
         files, spec, meta = fetch_model(uri, dst_path=scratch)
-    return SourceModel(kind=kind, ref=uri, weights=files, variant=spec.variant, img_size=int(spec.img_size[0]),
+    return SourceModel(kind=kind, ref=uri, weights=files, variant=spec.variant,
+                       preset=str(spec.overrides.get("preset", "timm")), img_size=int(spec.img_size[0]),
                        num_classes=int(spec.num_classes), class_names=list(spec.class_names),
                        parent_run_id=meta.get("run_id"),
                        model_version=f"{meta['name']}/{meta['version']}" if meta.get("version") else None,
@@ -179,7 +181,7 @@ def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
 
     run = check_run(run_id)
     tags = run.data.tags
-    known = dict(variant=tags.get("coatnet.variant"),
+    known = dict(variant=tags.get("coatnet.variant"), preset=run.data.params.get("model.preset"),
                  img_size=int(tags["coatnet.img_size"]) if tags.get("coatnet.img_size") else None,
                  num_classes=int(tags["coatnet.num_classes"]) if tags.get("coatnet.num_classes") else None)
     ck = tags.get("coatnet.checkpoint")
@@ -256,6 +258,7 @@ def _from_path(ref: str) -> SourceModel:
             shutil.rmtree(local, ignore_errors=True)
     m = state.config.get("model", {})
     return SourceModel(kind="checkpoint", ref=ref, weights=consolidated, variant=m.get("variant"),
+                       preset=m.get("preset", "timm"),
                        img_size=m.get("img_size"), num_classes=m.get("num_classes"),
                        parent_run_id=state.mlflow_run_id, checkpoint=as_ref(ck_dir), scratch=scratch)
 
@@ -265,20 +268,29 @@ def _from_path(ref: str) -> SourceModel:
 # --------------------------------------------------------------------------------------------
 
 def adapt(source: SourceModel, variant: str, img_size: int, num_classes: int, *, reset_head: bool = False,
-          strict: bool = True, model=None, state_dict: dict[str, torch.Tensor] | None = None
-          ) -> tuple[dict[str, torch.Tensor], list[str]]:
+          strict: bool = True, model=None, state_dict: dict[str, torch.Tensor] | None = None,
+          architecture: dict | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Source weights -> (state dict for the new network, re-initialised head keys): bias tables
     resized (bilinear), a head of another class count dropped; anything else that does not fit is
     a FinetuneError naming it. ``model``: the target network (default: built on the meta device).
     ``state_dict``: the source's loaded weights; by default its meta tensors (``shapes()``), which
-    check the fit without reading any weight."""
+    check the fit without reading any weight. ``architecture``: ``ModelConfig.architecture()``
+    (preset and form fields) of the target; a source of another preset is refused (the weights
+    would load - same shapes - into a network that computes something else)."""
     import models
+
+    architecture = dict(architecture or {})
+    preset = architecture.get("preset", "timm")
+    if source.preset and source.preset != preset:
+        raise FinetuneError(f"incompatible checkpoint: {source.ref} was trained as the {source.preset!r} form, "
+                            f"the config builds {preset!r} (set model.preset={source.preset})")
 
     if source.variant and source.variant != variant:
         raise FinetuneError(f"incompatible checkpoint: {source.ref} is a {source.variant}, the config builds "
                             f"a {variant} (set model.variant={source.variant})")
     model = model if model is not None else models.create_model(variant, num_classes=num_classes,
-                                                                   img_size=img_size, device="meta")
+                                                                   img_size=img_size, device="meta",
+                                                                   **architecture)
     sd = dict(state_dict) if state_dict is not None else source.shapes()
     try:
         return adapt_state_dict(model, sd, img_size=img_size, reset_head=reset_head, strict=strict)
@@ -293,7 +305,7 @@ def stage_init(cfg, source: SourceModel):
     reads them; the workers do the surgery); returns the config with ``init.from_checkpoint`` set."""
     m = cfg.model
     _, dropped = adapt(source, m.variant, m.img_size, m.num_classes, reset_head=cfg.init.reset_head,
-                       strict=cfg.init.strict)
+                       strict=cfg.init.strict, architecture=m.architecture())
     url = f"{cfg.storage.storage_path.rstrip('/')}/{cfg.storage.name}/init"
     copy_weights(source.weights, url)
     cfg = cfg.model_copy(deep=True)

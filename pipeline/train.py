@@ -26,7 +26,7 @@ from pipeline import checkpoint, tracking
 from pipeline.checkpoint import TrainState
 from pipeline.config import CallbackSpec, Config
 from pipeline.elastic import GrowRequests
-from pipeline.engine import build_engine, compute_dtype, deepspeed_config, export_weights, partitions, swapped_in
+from pipeline.engine import build_engine, compute_dtype, deepspeed_config, export_weights, master_partitions, swapped_in
 from pipeline.evaluate import Scores
 from pipeline.redact import redact, redact_values
 from pipeline.tracking import MetricsLogger, SystemMetrics
@@ -326,7 +326,7 @@ def train_loop_per_worker(task: TrainTask) -> None:
             task.say(f"removed {len(unfinished)} checkpoint folder(s) an interrupted save left: "
                      + ", ".join(unfinished))
     if t.ema_decay and ema is None:      # a new run, or a checkpoint without one: from the weights as loaded
-        ema = [p.detach().float().clone() for p in partitions(engine.module)]
+        ema = [p.to(p.device, torch.float32, copy=True) for p in master_partitions(engine)]   # the fp32 masters
     dtype = compute_dtype(cfg)
     for cb in callbacks:
         cb.on_train_start(engine, step=step, rank=rank, ema=ema)
@@ -393,8 +393,8 @@ def train_loop_per_worker(task: TrainTask) -> None:
         samples_seen += t.global_batch
         if ema is not None:
             with torch.no_grad():
-                for e, p in zip(ema, partitions(engine.module)):
-                    e.mul_(t.ema_decay).add_(p.float(), alpha=1 - t.ema_decay)
+                for e, p in zip(ema, master_partitions(engine)):     # the fp32 master weights
+                    e.mul_(t.ema_decay).add_(p.to(e.device, non_blocking=True), alpha=1 - t.ema_decay)
         for cb in callbacks:
             cb.on_step(step, keys)
 

@@ -335,6 +335,7 @@ def spec_for(cfg: Config, index):
     from pipeline.spec import ModelSpec
 
     overrides = {} if cfg.model.drop_path_rate is None else {"drop_path_rate": cfg.model.drop_path_rate}
+    overrides.update(cfg.model.architecture())     # the paper's form is built as the paper's form
     a = cfg.data.augment
     return ModelSpec(variant=cfg.model.variant, num_classes=index.num_classes, img_size=cfg.model.img_size,
                      overrides=overrides, class_names=list(index.class_names), mean=tuple(a.mean),
@@ -362,7 +363,7 @@ def _evaluate(plan: Plan, result: WorkflowResult, source, val: str, val_index) -
         if plan.wf.evaluate.baseline and source.num_classes == spec.num_classes:
             pretrained = pretrained if pretrained is not None else source.load()
             sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model,
-                          state_dict=pretrained)
+                          state_dict=pretrained, architecture=cfg.model.architecture())
             model.load_state_dict(sd, strict=False)
             untuned = scores[f"{stage}/pretrained_untuned"] = evaluate_model(model, spec, val, batch_size=bs)
             line += f" (pretrained, resized, not fine-tuned: {untuned[metric]:.4f})"

@@ -1,17 +1,14 @@
 """uint8 batches out of the loader and the per-batch transform on the training device: the same
 batches as the loader's own float path, MixUp targets that still sum to 1, multi-label targets,
-and a batched RandAugment drawn from the same distribution as torchvision's per-sample one."""
+and the batched RandAugment on the device giving the loader's own batches (its ops: test_data_randaug.py)."""
 from __future__ import annotations
-
-import collections
 
 import pytest
 import torch
-from scipy.stats import chi2_contingency
 from torchvision.transforms import v2
 
 from pipeline.data import AugmentConfig, ShardIndex, StreamingLoader, write_demo_shards
-from pipeline.data.transforms import BatchRandAugment, DeviceBatchTransform, normalize
+from pipeline.data.transforms import DeviceBatchTransform, normalize
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MIX = AugmentConfig(randaug_n=0, mixup_alpha=0.8, label_smoothing=0.1)
@@ -97,56 +94,6 @@ def test_device_randaugment_batches_equal_the_loaders_own(single):
         images, targets = transform(r, "cpu")
         torch.testing.assert_close(images, f.images, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(targets, f.targets)
-
-
-# --------------------------------------------------------------------------------------------
-# Batched RandAugment
-# --------------------------------------------------------------------------------------------
-
-class _Recording(v2.RandAugment):
-    """torchvision's per-sample RandAugment, recording the (op, magnitude) it applies."""
-
-    def __init__(self, **kw) -> None:
-        super().__init__(**kw)
-        self.draws: list[tuple[str, float]] = []
-
-    def _apply_image_or_video_transform(self, image, transform_id, magnitude, interpolation, fill):
-        self.draws.append((transform_id, round(magnitude, 6)))
-        return image
-
-
-def test_batched_randaugment_draws_follow_torchvisions_distribution():
-    n_images, size = 3000, 32
-    reference = _Recording(num_ops=2, magnitude=15)
-    torch.manual_seed(0)
-    image = torch.zeros(3, size, size, dtype=torch.uint8)
-    for _ in range(n_images):
-        reference(image)
-    ours = BatchRandAugment(2, 15).sample(n_images, size, size, torch.Generator().manual_seed(1))
-    drawn = [op for row in ours for op in row]
-    theirs, mine = collections.Counter(reference.draws), collections.Counter(
-        (name, round(value, 6)) for name, value in drawn)
-    assert set(theirs) == set(mine)                    # the same ops with the same signed magnitudes
-    cells = sorted(theirs)
-    _, p_value, _, _ = chi2_contingency([[theirs[c] for c in cells], [mine[c] for c in cells]])
-    assert p_value > 1e-3, p_value                     # the same frequencies (fixed seeds: no flake)
-    by_op = collections.Counter(name for name, _ in drawn)
-    assert min(by_op.values()) > 0.8 * len(drawn) / 14  # every op near its 1/14 share
-
-
-def test_batched_randaugment_applies_each_images_own_ops():
-    torch.manual_seed(0)
-    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
-    augment = BatchRandAugment(2, 15)
-    draws = augment.sample(len(images), 16, 16, torch.Generator().manual_seed(2))
-    out = augment.apply(images, draws)
-    assert out.dtype == torch.uint8 and not torch.equal(out, images)
-    for image, ops, got in zip(images, draws, out):
-        expected = image
-        for name, value in ops:
-            expected = augment._v2._apply_image_or_video_transform(
-                expected, name, value, interpolation=augment._v2.interpolation, fill=augment._v2._fill)
-        assert torch.equal(got, expected), ops
 
 
 def test_uint8_output_is_validated_and_pins(single):

@@ -188,6 +188,29 @@ def test_stochastic_depth_rises_linearly() -> None:
     assert models.create_model("coatnet_3", img_size=32).drop_path_rate == 0.7  # Table 10
 
 
+def test_stochastic_depth_endpoint_of_the_reference() -> None:
+    """The TF reference (MaxViT's _adjust_survival_rate): block i of L drops at rate x i / L, so
+    the last block gets rate x (L-1)/L; the paper preset uses it, timm's form reaches the rate."""
+    model = models.create_model("coatnet_0", img_size=32, drop_path_rate=0.4, preset="paper")
+    rates = [m.rate for m in model.modules() if isinstance(m, models.coatnet.DropPath)]
+    block_rates = [rates[i] for i in (0, 1, 2, 3, 4)] + rates[5::2]
+    assert block_rates == pytest.approx([0.4 * i / 12 for i in range(12)])
+    assert block_rates[-1] == pytest.approx(0.4 * 11 / 12)
+    timm_form = models.create_model("coatnet_0", img_size=32, drop_path_rate=0.4, drop_path_schedule="linear",
+                                    preset="paper")
+    assert [m.rate for m in timm_form.modules() if isinstance(m, models.coatnet.DropPath)][-1] == pytest.approx(0.4)
+
+
+def test_batchnorm_eps_and_momentum_reach_every_batchnorm() -> None:
+    model = models.create_model("coatnet_pico", img_size=32, bn_eps=1e-3, bn_momentum=0.01)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 1 + 3 * 2 and all((m.eps, m.momentum) == (1e-3, 0.01) for m in norms)
+    assert all((m.eps, m.momentum) == (1e-5, 0.1) for m in models.create_model("coatnet_pico", img_size=32).modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+    with pytest.raises(ValueError, match="bn_momentum"):
+        models.create_model("coatnet_pico", bn_momentum=0.99 + 0.01)
+
+
 def test_api_attributes_and_head_reset() -> None:
     model = models.create_model("coatnet_nano", num_classes=7, img_size=(32, 64))
     assert model.img_size == (32, 64) and model.num_classes == 7

@@ -7,7 +7,7 @@ by torchvision's antialiased kernel on the channels-last decode (its fast uint8 
 scaling, by PIL's, which takes the fractional box); flip and,
 unless it runs per batch, RandAugment (on PIL, as ``transforms.crop_transform``) follow.
 
-The random draws are torchvision's own, in the same order as ``transforms.crop_transform``
+The random draws are the same calls on torch's generator, in the same order as ``transforms.crop_transform``
 (RandomResizedCrop.make_params, RandomHorizontalFlip, RandAugment), so for a seed the crop box,
 flip and RandAugment ops are exactly those of the general path; without DCT scaling the pixels
 are identical too. Anything but a JPEG in L or RGB (PNG, WebP, CMYK, ...), or one that fails to
@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.data.reader import BadSample
-from pipeline.data.transforms import AugmentConfig
+from pipeline.data.transforms import AugmentConfig, randaugment
 
 _DRAFT_SCALES = (8, 4, 2)
 
@@ -49,9 +49,7 @@ class CropDecoder:
         bicubic = cfg.interpolation == "bicubic"
         self._interpolation = v2.InterpolationMode.BICUBIC if bicubic else v2.InterpolationMode.BILINEAR
         self._resample = Image.Resampling.BICUBIC if bicubic else Image.Resampling.BILINEAR
-        self._randaug = (v2.Compose([v2.ToPILImage(), v2.RandAugment(num_ops=cfg.randaug_n,
-                                                                     magnitude=cfg.randaug_m),
-                                     v2.PILToTensor()])
+        self._randaug = (v2.Compose([v2.ToPILImage(), randaugment(cfg), v2.PILToTensor()])
                          if cfg.randaug_n > 0 and not cfg.randaug_device else None)
 
     def __call__(self, image_bytes: bytes) -> torch.Tensor | None:

@@ -1,8 +1,8 @@
 """Train / eval transforms from torchvision.transforms.v2, configured by ``AugmentConfig``.
 
 Per sample, in the loader workers (uint8 CHW tensor in): train = RandomResizedCrop -> horizontal
-flip -> RandAugment(N, M) (on PIL, where it is cheapest; or per batch, see below); eval = resize to
-``img_size / eval_crop_pct`` -> centre crop.
+flip -> RandAugment(N, M) with the TF reference's semantics (``pipeline.data.randaug``; on PIL, where
+it is cheapest; or per batch, see below); eval = resize to ``img_size / eval_crop_pct`` -> centre crop.
 
 Per batch (``DeviceBatchTransform``), on whichever device it is called with: batched RandAugment when
 ``randaug_device`` is set, float + normalise, and (train only) targets one-hot (single-label) or
@@ -13,12 +13,13 @@ generators, then the ops on the device), so both places give the same batch.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torchvision.transforms import v2
+
+from pipeline.data.randaug import REFERENCE_OPS, BatchRandAugment, RandAugment, check_ops
 
 if TYPE_CHECKING:
     from pipeline.data.loader import Batch
@@ -33,7 +34,8 @@ class AugmentConfig:
     (RandAugment 2/15, MixUp 0.8, label smoothing 0.1, Inception crop scale 0.08-1)."""
 
     randaug_n: int = 2                 # 0: RandAugment off
-    randaug_m: int = 15                # magnitude, 0..30 (v2's num_magnitude_bins=31)
+    randaug_m: float = 15              # the reference's level: 0-10 nominal, above 10 allowed (to 30)
+    randaug_ops: tuple[str, ...] = REFERENCE_OPS   # by the reference's names (default: all 16)
     mixup_alpha: float = 0.8           # 0: off
     cutmix_alpha: float = 0.0          # 0: off; with both on, one of them per batch
     label_smoothing: float = 0.1
@@ -50,6 +52,7 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.randaug_n < 0 or not 0 <= self.randaug_m <= 30:
             raise ValueError(f"randaug_n must be >= 0 and randaug_m in 0..30, got {self.randaug_n}, {self.randaug_m}")
+        object.__setattr__(self, "randaug_ops", check_ops(tuple(self.randaug_ops)))
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ValueError("mixup_alpha and cutmix_alpha must be >= 0")
         if not 0 <= self.label_smoothing < 1:
@@ -82,17 +85,19 @@ def crop_transform(cfg: AugmentConfig, img_size: int, train: bool) -> v2.Transfo
             steps.append(v2.RandomHorizontalFlip(cfg.hflip))
         if cfg.randaug_n > 0 and not cfg.randaug_device:
             # RandAugment runs on a PIL image: its affine and histogram ops are 2-3x cheaper there
-            # than on tensors (measured: 0.54 vs 1.47 ms per 224 px image on one core). Nearest
-            # interpolation for its geometric ops, as in the reference TF implementation the paper
-            # used (and torchvision's default); bilinear costs about twice as much here.
-            steps += [v2.ToPILImage(),
-                      v2.RandAugment(num_ops=cfg.randaug_n, magnitude=cfg.randaug_m),
-                      v2.PILToTensor()]
+            # than on tensors (measured with v2's RandAugment: 0.54 vs 1.47 ms per 224 px image on
+            # one core). Nearest interpolation for its geometric ops, as in the TF reference.
+            steps += [v2.ToPILImage(), randaugment(cfg), v2.PILToTensor()]
     else:
         steps = [v2.Resize(int(round(img_size / cfg.eval_crop_pct)), interpolation=interpolation,
                            antialias=True),
                  v2.CenterCrop(img_size)]
     return v2.Compose(steps)
+
+
+def randaugment(cfg: AugmentConfig) -> RandAugment:
+    """The per-sample RandAugment of ``cfg`` (the TF reference's semantics)."""
+    return RandAugment(cfg.randaug_n, cfg.randaug_m, cfg.randaug_ops)
 
 
 def normalize(cfg: AugmentConfig) -> v2.Transform:
@@ -133,68 +138,6 @@ def make_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float)
 # Per batch, on any device
 # ---------------------------------------------------------------------------------------------
 
-RandAugmentOp = tuple[str, float]      # (v2.RandAugment op name, signed magnitude)
-
-
-class BatchRandAugment:
-    """v2.RandAugment(num_ops, magnitude) applied to a uint8 batch [B, 3, H, W] on its device with
-    an independent draw per image, as the per-sample transform does.
-
-    The draws (op uniform over v2's 14 ops, sign of a signed magnitude +/- with probability 1/2)
-    come from a CPU generator; each op then runs once per round on the images that drew it
-    (v2's own functional kernels, batched), so a 14-op space costs at most 14 kernel calls per
-    round whatever the batch size. Geometric ops use nearest interpolation, as v2's default."""
-
-    def __init__(self, num_ops: int, magnitude: int, num_magnitude_bins: int = 31) -> None:
-        self._v2 = v2.RandAugment(num_ops=num_ops, magnitude=magnitude,
-                                  num_magnitude_bins=num_magnitude_bins)
-        self.num_ops = num_ops
-        self.magnitude = magnitude
-        self.num_magnitude_bins = num_magnitude_bins
-        self.op_names: tuple[str, ...] = tuple(v2.RandAugment._AUGMENTATION_SPACE)
-
-    def sample(self, batch_size: int, height: int, width: int,
-               generator: torch.Generator) -> list[list[RandAugmentOp]]:
-        """Per image, its ``num_ops`` (op, magnitude) draws, in the order they are applied."""
-        space = v2.RandAugment._AUGMENTATION_SPACE
-        ids = torch.randint(len(self.op_names), (batch_size, self.num_ops), generator=generator)
-        flips = torch.rand((batch_size, self.num_ops), generator=generator) <= 0.5
-        magnitudes: dict[str, float | None] = {}
-        for name in self.op_names:
-            values = space[name][0](self.num_magnitude_bins, height, width)
-            magnitudes[name] = None if values is None else float(values[self.magnitude])
-        draws: list[list[RandAugmentOp]] = []
-        for row_ids, row_flips in zip(ids.tolist(), flips.tolist()):
-            row: list[RandAugmentOp] = []
-            for i, flip in zip(row_ids, row_flips):
-                name = self.op_names[i]
-                value = magnitudes[name]
-                if value is None:
-                    value = 0.0
-                elif space[name][1] and flip:
-                    value = -value
-                row.append((name, value))
-            draws.append(row)
-        return draws
-
-    def apply(self, images: torch.Tensor, draws: list[list[RandAugmentOp]]) -> torch.Tensor:
-        out = images.clone()
-        for round_ in range(self.num_ops):
-            groups: dict[RandAugmentOp, list[int]] = defaultdict(list)
-            for row, ops in enumerate(draws):
-                groups[ops[round_]].append(row)
-            for (name, value), rows in groups.items():
-                if name == "Identity":
-                    continue
-                index = torch.tensor(rows, device=out.device)
-                out[index] = self._v2._apply_image_or_video_transform(
-                    out[index], name, value, interpolation=self._v2.interpolation, fill=self._v2._fill)
-        return out
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.apply(images, self.sample(len(images), images.shape[-2], images.shape[-1], generator))
-
-
 class DeviceBatchTransform:
     """uint8 images [B, 3, H, W] + labels -> (float images normalised, float targets [B, C]), on
     the device the images are on: batched RandAugment (``augment.randaug_device``), ToDtype +
@@ -216,7 +159,7 @@ class DeviceBatchTransform:
         self.train = train
         self._normalize = normalize(augment)
         self._mixer = batch_mixer(augment) if train else None
-        self._randaug = (BatchRandAugment(augment.randaug_n, augment.randaug_m)
+        self._randaug = (BatchRandAugment(augment.randaug_n, augment.randaug_m, augment.randaug_ops)
                          if train and augment.randaug_device and augment.randaug_n > 0 else None)
         self._smoothing = augment.label_smoothing if train else 0.0
 

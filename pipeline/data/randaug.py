@@ -1,0 +1,250 @@
+"""RandAugment as the TF reference the paper used (tensorflow/tpu, efficientnet ``autoaugment.py``,
+``distort_image_with_randaugment``), on one image (per sample, in the loader workers: PIL or
+tensor) and on a uint8 batch (``BatchRandAugment``, on the training device). Both draw with
+``sample_draws`` and apply each op through ``apply_op``, so they share one set of rules.
+
+The reference's semantics, kept here:
+
+- M is a level on the 0-10 scale; an op's value is ``level / 10 x its maximum``; levels above 10
+  are allowed (no clamp: M=15 rotates by 45 degrees).
+- 16 ops (``REFERENCE_OPS``, the reference's order; no Identity). Per layer one op uniform over
+  the chosen ops, always applied (the reference's per-op probability is unused by RandAugment).
+- Values: Rotate 30 deg, ShearX/Y 0.3, TranslateX/Y 100 px (absolute, whatever the image size),
+  each negated with probability 1/2; Color/Contrast/Brightness/Sharpness factor level/10 x 1.8 + 0.1;
+  Posterize keeps int(level/10 x 4) bits (fewer bits at LOWER levels: the reference's rule);
+  Solarize threshold int(level/10 x 256) (no pixel changes from level 10 up); SolarizeAdd adds
+  int(level/10 x 110) below threshold 128; Cutout a square of half-side int(level/10 x 40) at a
+  uniform centre; fill 128 for Rotate/Shear/Translate/Cutout; nearest interpolation.
+
+Departures (docs/DESIGN.md, models/README.md): Contrast blends towards the grayscale MEAN
+(PIL / torchvision) where the reference's ``contrast`` uses sum(histogram) / 256 = pixels / 256 (a
+known bug: 196 at 224 px, clipped to 255 from 256 px up, whatever the image); Posterize bits are
+clamped to 8 (the reference shifts by a negative amount above level 22); the PIL and tensor kernels
+round the enhance and affine ops slightly differently (within one grey level / a few border pixels,
+tested).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+REFERENCE_OPS: tuple[str, ...] = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
+    "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd")
+SIGNED = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"})
+MAX_LEVEL = 10.0
+FILL = 128                 # the reference's replace value for geometric ops and Cutout
+TRANSLATE_CONST = 100      # pixels at level 10 (the reference's hparams)
+CUTOUT_CONST = 40          # half-side in pixels at level 10
+SOLARIZE_ADD_THRESHOLD = 128
+NEAREST = InterpolationMode.NEAREST
+
+
+def check_ops(ops: Sequence[str]) -> tuple[str, ...]:
+    """The chosen op names, in the reference's order; ValueError naming an unknown one."""
+    unknown = [o for o in ops if o not in REFERENCE_OPS]
+    if unknown:
+        raise ValueError(f"unknown RandAugment op(s) {unknown}; valid: {', '.join(REFERENCE_OPS)}")
+    if not ops:
+        raise ValueError("randaug_ops must name at least one op")
+    return tuple(o for o in REFERENCE_OPS if o in set(ops))
+
+
+def op_value(name: str, level: float) -> float:
+    """The unsigned value of ``name`` at ``level`` (the reference's level_to_arg), 0 for ops
+    without one."""
+    frac = level / MAX_LEVEL
+    if name == "Rotate":
+        return frac * 30.0
+    if name in ("ShearX", "ShearY"):
+        return frac * 0.3
+    if name in ("TranslateX", "TranslateY"):
+        return frac * TRANSLATE_CONST
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return frac * 1.8 + 0.1
+    if name == "Posterize":
+        return float(int(frac * 4))
+    if name == "Solarize":
+        return float(int(frac * 256))
+    if name == "SolarizeAdd":
+        return float(int(frac * 110))
+    if name == "Cutout":
+        return float(int(frac * CUTOUT_CONST))
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One applied op: its name, signed value and, for Cutout, the centre (row, column)."""
+    op: str
+    value: float
+    center: tuple[int, int] | None = None
+
+
+def sample_draws(ops: Sequence[str], num_ops: int, magnitude: float, count: int, height: int, width: int,
+                 generator: torch.Generator | None = None) -> list[list[Draw]]:
+    """Per image, its ``num_ops`` draws in order: op uniform over ``ops``, sign +/- at 1/2 for the
+    signed ops, a uniform Cutout centre. ``generator=None``: torch's global CPU generator (the
+    loader seeds it per batch, as for the crops)."""
+    ids = torch.randint(len(ops), (count, num_ops), generator=generator).tolist()
+    negate = (torch.rand((count, num_ops), generator=generator) < 0.5).tolist()
+    rows = torch.randint(height, (count, num_ops), generator=generator).tolist()
+    cols = torch.randint(width, (count, num_ops), generator=generator).tolist()
+    values = {name: op_value(name, magnitude) for name in ops}
+    out: list[list[Draw]] = []
+    for i in range(count):
+        row: list[Draw] = []
+        for j in range(num_ops):
+            name = ops[ids[i][j]]
+            value = -values[name] if name in SIGNED and negate[i][j] else values[name]
+            row.append(Draw(name, value, (rows[i][j], cols[i][j]) if name == "Cutout" else None))
+        out.append(row)
+    return out
+
+
+def _is_pil(image: Any) -> bool:
+    return not isinstance(image, torch.Tensor)
+
+
+def _affine(image, *, angle: float = 0.0, translate=(0.0, 0.0), shear=(0.0, 0.0), center=None):
+    return F.affine(image, angle=angle, translate=list(translate), scale=1.0, shear=list(shear),
+                    interpolation=NEAREST, fill=FILL, center=center)
+
+
+def apply_op(image, op: str, value: float):
+    """One op with its signed value on a uint8 tensor [..., 3, H, W] (a batch is one value for
+    every image) or a PIL image. Cutout goes through ``cutout`` (it needs centres)."""
+    if op == "AutoContrast":
+        return F.autocontrast(image)
+    if op == "Equalize":
+        return F.equalize(image)
+    if op == "Invert":
+        return F.invert(image)
+    if op == "Rotate":
+        return F.rotate(image, value, interpolation=NEAREST, fill=FILL)
+    if op == "Posterize":
+        return F.posterize(image, max(0, min(8, int(value))))
+    if op == "Solarize":
+        return image if value > 255 else F.solarize(image, value)
+    if op == "SolarizeAdd":
+        return solarize_add(image, int(value))
+    if op == "Color":
+        return F.adjust_saturation(image, value)
+    if op == "Contrast":
+        return F.adjust_contrast(image, value)
+    if op == "Brightness":
+        return F.adjust_brightness(image, value)
+    if op == "Sharpness":
+        return F.adjust_sharpness(image, value)
+    if op in ("ShearX", "ShearY"):
+        # the reference's transform (1, level, 0; 0, 1, 0) reads input (x + level * y, y): a shear
+        # about pixel (0, 0) by the slope ``level``; v2's shear is an angle, atan(level), and its
+        # coordinates put pixel (0, 0)'s centre at (0.5, 0.5) (v2's RandAugment uses (0, 0): a
+        # half-pixel offset that moves ~17% of the pixels at 0.45)
+        degrees = math.degrees(math.atan(value))
+        return _affine(image, shear=(degrees, 0.0) if op == "ShearX" else (0.0, degrees), center=[0.5, 0.5])
+    if op == "TranslateX":     # the reference's translate(image, [-pixels, 0]): content moves by -pixels
+        return _affine(image, translate=(-value, 0.0))
+    if op == "TranslateY":
+        return _affine(image, translate=(0.0, -value))
+    raise ValueError(f"unknown RandAugment op {op!r}")
+
+
+def solarize_add(image, addition: int, threshold: int = SOLARIZE_ADD_THRESHOLD):
+    """Pixels below ``threshold`` get ``addition`` (clipped to 255); the rest stay."""
+    if _is_pil(image):
+        lut = [min(255, v + addition) if v < threshold else v for v in range(256)]
+        return image.point(lut * len(image.getbands()))
+    added = (image.to(torch.int16) + addition).clamp_(0, 255).to(torch.uint8)
+    return torch.where(image < threshold, added, image)
+
+
+def cutout(image, half: int, centers: Sequence[tuple[int, int]]):
+    """A (2*half)-sided square around each image's centre, clipped at the borders, set to 128
+    (the reference: rows max(0, cy - half) .. min(H, cy + half))."""
+    if _is_pil(image):
+        from PIL import ImageDraw
+
+        (cy, cx), = centers
+        if half > 0:
+            image = image.copy()
+            box = (max(0, cx - half), max(0, cy - half), min(image.width, cx + half) - 1,
+                   min(image.height, cy + half) - 1)
+            if box[2] >= box[0] and box[3] >= box[1]:
+                ImageDraw.Draw(image).rectangle(box, fill=(FILL,) * len(image.getbands()))
+        return image
+    h, w = image.shape[-2:]
+    c = torch.tensor(centers, device=image.device).view(-1, 2, 1)
+    ys = torch.arange(h, device=image.device)
+    xs = torch.arange(w, device=image.device)
+    in_y = (ys >= c[:, 0] - half) & (ys < c[:, 0] + half)             # [n, H]
+    in_x = (xs >= c[:, 1] - half) & (xs < c[:, 1] + half)             # [n, W]
+    mask = (in_y[:, :, None] & in_x[:, None, :]).view(*image.shape[:-3], 1, h, w)
+    return image.masked_fill(mask, FILL)
+
+
+def apply_draws(image, draws: Sequence[Draw]):
+    """One image (uint8 tensor [3, H, W] or PIL) through its draws, in order."""
+    for d in draws:
+        if d.op == "Cutout":
+            image = cutout(image if _is_pil(image) else image[None], int(d.value), [d.center])
+            image = image if _is_pil(image) else image[0]
+        else:
+            image = apply_op(image, d.op, d.value)
+    return image
+
+
+class RandAugment:
+    """Per sample: ``RandAugment(num_ops, magnitude, ops)(image)`` on a PIL image or a uint8
+    tensor [3, H, W], drawing from torch's global generator (as the loader's other per-sample
+    transforms do)."""
+
+    def __init__(self, num_ops: int, magnitude: float, ops: Sequence[str] = REFERENCE_OPS) -> None:
+        self.num_ops, self.magnitude, self.ops = num_ops, float(magnitude), check_ops(ops)
+
+    def sample(self, height: int, width: int) -> list[Draw]:
+        return sample_draws(self.ops, self.num_ops, self.magnitude, 1, height, width)[0]
+
+    def __call__(self, image):
+        h, w = (image.height, image.width) if _is_pil(image) else image.shape[-2:]
+        return apply_draws(image, self.sample(h, w))
+
+    def __repr__(self) -> str:
+        return f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, ops={list(self.ops)})"
+
+
+class BatchRandAugment:
+    """The same RandAugment on a uint8 batch [B, 3, H, W] on its device, an independent draw per
+    image from a CPU generator; per round each (op, signed value) group runs once on the images
+    that drew it (Cutout: one masked fill for all its images), so a round costs at most
+    len(ops) + 5 kernel calls (the signed ops have two values) whatever the batch size."""
+
+    def __init__(self, num_ops: int, magnitude: float, ops: Sequence[str] = REFERENCE_OPS) -> None:
+        self.num_ops, self.magnitude, self.ops = num_ops, float(magnitude), check_ops(ops)
+
+    def sample(self, batch_size: int, height: int, width: int, generator: torch.Generator) -> list[list[Draw]]:
+        return sample_draws(self.ops, self.num_ops, self.magnitude, batch_size, height, width, generator)
+
+    def apply(self, images: torch.Tensor, draws: list[list[Draw]]) -> torch.Tensor:
+        out = images.clone()
+        for round_ in range(self.num_ops):
+            groups: dict[tuple[str, float], list[int]] = defaultdict(list)
+            for row, ops in enumerate(draws):
+                groups[(ops[round_].op, ops[round_].value)].append(row)
+            for (name, value), rows in groups.items():
+                index = torch.tensor(rows, device=out.device)
+                if name == "Cutout":
+                    centers = [draws[r][round_].center for r in rows]
+                    out[index] = cutout(out[index], int(value), centers)
+                else:
+                    out[index] = apply_op(out[index], name, value)
+        return out
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(images, self.sample(len(images), images.shape[-2], images.shape[-1], generator))
