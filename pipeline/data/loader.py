@@ -118,6 +118,8 @@ class _StreamJob:
     max_pixels: int
     output: Literal["float", "uint8"] = "float"
     crop_decode: bool = False
+    label_key: str | None = None                  # existing shards: how labels are read (index)
+    class_index: dict[str, int] | None = None     # class name -> index, for such labels
 
 
 def _sample_tensor(item: RawSample, job: _StreamJob, transform: Any,
@@ -128,7 +130,7 @@ def _sample_tensor(item: RawSample, job: _StreamJob, transform: Any,
     jpeg = next((item.files[e] for e in ("jpg", "jpeg") if e in item.files), None)
     out: torch.Tensor | None = None
     if crop_decoder is not None and jpeg is not None:
-        label = parse_labels(item.files, job.label_type, job.num_classes)
+        label = parse_labels(item.files, job.label_type, job.num_classes, job.label_key, job.class_index)
         try:
             out = crop_decoder(jpeg)
         except BadSample:
@@ -136,7 +138,8 @@ def _sample_tensor(item: RawSample, job: _StreamJob, transform: Any,
         except Exception as exc:
             raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
     if out is None:
-        image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels)
+        image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels,
+                                     job.label_key, job.class_index)
         try:
             out = transform(image)
         except Exception as exc:
@@ -165,7 +168,8 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                                    shuffle_rng(cfg, job.epoch, stream, job.generation))
     done = job.consumed[stream]
     consumed = set(itertools.islice(positions, sum(plan.batch_sizes[:done])))
-    reader = StreamReader(job.root, plan, consumed, job.retry, job.verify_checksums, job.storage_options)
+    reader = StreamReader(job.root, plan, consumed, job.retry, job.verify_checksums, job.storage_options,
+                          job.label_key)
     items = iter(reader)
     read_ahead: dict[int, RawSample | SkippedSample] = {}
     transform = crop_transform(job.augment, job.img_size, job.train)
@@ -398,7 +402,9 @@ class StreamingLoader:
                           consumed=tuple(self._consumed), img_size=self.img_size, train=self.train,
                           augment=self.augment, retry=self.retry, verify_checksums=self.verify_checksums,
                           storage_options=self.storage_options, max_pixels=self.max_image_pixels,
-                          output=self.output, crop_decode=self.crop_decode)
+                          output=self.output, crop_decode=self.crop_decode, label_key=self.index.label_key,
+                          class_index=({n: i for i, n in enumerate(self.index.class_names)}
+                                       if self.index.label_key is not None else None))
 
     def _record(self, batch: Batch) -> None:
         self._consumed[batch.stream] += 1

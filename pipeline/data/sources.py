@@ -142,7 +142,7 @@ def read_manifest(url: str, class_names: Sequence[str] | None = None,
     tokens_per_row = [_split_label_tokens(row.get(label_column)) for row in rows]
 
     if class_names is None:
-        class_names = _class_names_from_tokens({t for tokens in tokens_per_row for t in tokens})
+        class_names = class_names_from_tokens({t for tokens in tokens_per_row for t in tokens})
     class_index = {name: i for i, name in enumerate(class_names)}
     items, skipped = [], []
     for row_number, (row, tokens) in enumerate(zip(rows, tokens_per_row), start=2):
@@ -201,7 +201,7 @@ def scan_manifest(url: str, class_names: Sequence[str] | None = None,
                         values = pc.list_flatten(values)
                     for value in pc.unique(values).to_pylist():
                         seen.update(_split_label_tokens(value))
-                class_names = _class_names_from_tokens(seen)
+                class_names = class_names_from_tokens(seen)
     except FileNotFoundError as exc:
         raise DataError(f"manifest {redact(url)} does not exist") from exc
     except (OSError, ValueError) as exc:
@@ -209,7 +209,7 @@ def scan_manifest(url: str, class_names: Sequence[str] | None = None,
     return ManifestColumns(url, num_rows, image_column, label_column, tuple(class_names))
 
 
-def _class_names_from_tokens(seen: set[str]) -> list[str]:
+def class_names_from_tokens(seen: set[str]) -> list[str]:
     if seen and all(t.lstrip("-").isdigit() for t in seen):
         return [str(i) for i in range(max(0, max(int(t) for t in seen)) + 1)]
     return sorted(t for t in seen if not t.lstrip("-").isdigit())
