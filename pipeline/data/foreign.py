@@ -161,7 +161,7 @@ def index_shard(url: str, label_key: str, storage_options: dict[str, Any] | None
     usable = 0
     try:
         with f:
-            reader = CountingReader(f)
+            reader = _TailReader(f)
             for _, files in usable_samples(seen(tar_samples(reader, redact(url))), label_key):
                 usable += 1
                 try:
@@ -169,15 +169,42 @@ def index_shard(url: str, label_key: str, storage_options: dict[str, Any] | None
                     multi = multi or _is_list(files, label_key)
                 except (ValueError, UnicodeDecodeError):
                     pass          # counted now; skipped (and reported) when the loader decodes it
-            size = reader.drain()
+            stopped_at = reader.bytes_read
+            trailing = reader.drain_nonzero()
+            size = reader.bytes_read
     except (tarfile.TarError, EOFError, ValueError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return {"error": f"corrupt or truncated tar ({first})"}
-    if counts["all"] == 0 and size > 1024:
-        return {"error": "not a tar archive (no sample found)"}
+    if not reader.gzipped and (trailing or reader.tail != bytes(len(reader.tail))):
+        # tarfile ends quietly at a bad header: a good tar ends with zero blocks and nothing else
+        return {"error": f"corrupt or truncated tar (stops after sample {counts['all']}, "
+                         f"{stopped_at} of {size} bytes)"}
     return {"num_samples": usable, "size_bytes": size, "sha256": reader.sha256.hexdigest(),
             "values": sorted(values), "multi": multi, "entries": sorted(entries),
             "no_image": counts["no_image"], "no_label": counts["all"] - counts["no_image"] - usable}
+
+
+class _TailReader(CountingReader):
+    """Counts and hashes what is read, and keeps the last 1 KB: a tar's end-of-archive marker."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f)
+        self.tail = b""
+        self.gzipped: bool | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        if self.gzipped is None and data:
+            self.gzipped = data[:2] == b"\x1f\x8b"
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def drain_nonzero(self) -> bool:
+        """Read the rest; whether any of it is not zero padding."""
+        found = False
+        while chunk := self.read(1 << 20):
+            found = found or chunk.count(0) != len(chunk)
+        return found
 
 
 def _is_list(files: dict[str, bytes], label_key: str) -> bool:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.cropdecode import CropDecoder
 from pipeline.data.index import ShardIndex
 from pipeline.data.plan import (EpochSequence, Generation, PlanConfig, StreamPlan, batch_seed, batch_transform_seed,
-                                plan_epoch, rank_batch_sizes, shuffle_rng, shuffled_positions)
+                                plan_epoch, rank_batch_sizes, read_order, shuffle_rng)
 from pipeline.data.reader import (DEFAULT_MAX_PIXELS, BadSample, RawSample, SkippedSample, StreamReader, decode_sample,
                                   parse_labels)
 from pipeline.data.storage import DataError, register_webdataset_handlers
@@ -50,6 +50,7 @@ from pipeline.redact import redact
 from pipeline.retry import RetryPolicy
 
 STATE_VERSION = 2
+DEFAULT_INTERLEAVE = 32       # shards a loader worker reads at once (lanes) in a shuffled epoch
 _MAX_SKIP_RECORDS = 1000
 
 
@@ -164,12 +165,12 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
     """The batches of one stream of one rank for one epoch, after ``job.consumed[stream]``."""
     cfg = job.plan
     plan = job.streams[stream]
-    positions = shuffled_positions(plan.num_positions, cfg.shuffle_buffer,
-                                   shuffle_rng(cfg, job.epoch, stream, job.generation))
+    rng = shuffle_rng(cfg, job.epoch, stream, job.generation)
+    positions = read_order(plan.position_shard, cfg, rng)     # lanes: several shards at once
     done = job.consumed[stream]
     consumed = set(itertools.islice(positions, sum(plan.batch_sizes[:done])))
     reader = StreamReader(job.root, plan, consumed, job.retry, job.verify_checksums, job.storage_options,
-                          job.label_key)
+                          job.label_key, lanes=cfg.lanes if rng is not None else 1)
     items = iter(reader)
     read_ahead: dict[int, RawSample | SkippedSample] = {}
     transform = crop_transform(job.augment, job.img_size, job.train)
@@ -256,11 +257,12 @@ class StreamingLoader:
                  retry: RetryPolicy | None = None, storage_options: dict[str, Any] | None = None,
                  multiprocessing_context: str | None = None,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 output: Literal["float", "uint8"] = "float", crop_decode: bool = False) -> None:
+                 output: Literal["float", "uint8"] = "float", crop_decode: bool = False,
+                 interleave: int = DEFAULT_INTERLEAVE) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if batch_size < 1 or num_workers < 0 or img_size < 8:
-            raise ValueError("batch_size must be >= 1, num_workers >= 0 and img_size >= 8")
+        if batch_size < 1 or num_workers < 0 or img_size < 8 or interleave < 1:
+            raise ValueError("batch_size and interleave must be >= 1, num_workers >= 0 and img_size >= 8")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
         if output not in ("float", "uint8"):
@@ -288,7 +290,7 @@ class StreamingLoader:
                                batch_size=batch_size, seed=seed,
                                shuffle=train if shuffle is None else shuffle,
                                drop_last=drop_last, samples_per_epoch=samples_per_epoch,
-                               shuffle_buffer=shuffle_buffer)
+                               shuffle_buffer=shuffle_buffer, lanes=interleave)
         _, self._rank_samples, sizes = rank_batch_sizes(self.index.num_samples, self.plan)
         self._num_batches = len(sizes)
         register_webdataset_handlers()   # for webdataset users in this process; workers do it too
@@ -329,7 +331,7 @@ class StreamingLoader:
     def _generation(self) -> Generation:
         p = self.plan
         return Generation(p.world_size, p.num_streams, p.batch_size, p.drop_last, p.shuffle_buffer,
-                          tuple(self._consumed))
+                          tuple(self._consumed), p.lanes)
 
     def state_dict(self) -> dict[str, Any]:
         p = self.plan
@@ -356,12 +358,12 @@ class StreamingLoader:
         p = self.plan
         mine = self.state_dict()
         saved = [Generation(g["world_size"], g["num_streams"], g["batch_size"], g["drop_last"],
-                            g["shuffle_buffer"], tuple(int(c) for c in g["consumed"]))
+                            g["shuffle_buffer"], tuple(int(c) for c in g["consumed"]), int(g.get("lanes", 1)))
                  for g in state.get("generations", [])]
-        if not saved:      # version 1: one generation, with this loader's shuffle buffer
+        if not saved:      # version 1: one generation, with this loader's shuffle buffer and lanes
             saved = [Generation(state["world_size"], state["num_streams"], state["batch_size"],
                                 state["drop_last"], p.shuffle_buffer,
-                                tuple(int(c) for c in state["consumed"]))]
+                                tuple(int(c) for c in state["consumed"]), p.lanes)]
         started = any(any(g.consumed) for g in saved)
         if started:
             fields = ["seed", "shuffle", "drop_last", "samples_per_epoch"]
@@ -377,8 +379,8 @@ class StreamingLoader:
         if not started:
             self._generations = []
             self._consumed = [0] * p.num_streams
-        elif (last.world_size, last.num_streams, last.shuffle_buffer, last.batch_size) == \
-                (p.world_size, p.num_streams, p.shuffle_buffer, p.batch_size):
+        elif (last.world_size, last.num_streams, last.shuffle_buffer, last.batch_size, last.lanes) == \
+                (p.world_size, p.num_streams, p.shuffle_buffer, p.batch_size, p.lanes):
             self._generations = saved[:-1]
             self._consumed = list(last.consumed)
         else:

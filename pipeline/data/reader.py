@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline.data.plan import StreamPlan
+from pipeline.data.plan import StreamPlan, lane_cuts, lane_order
 from pipeline.data.storage import DataError, open_file, resolve_url
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, is_transient
@@ -71,13 +71,14 @@ class CountingReader:
         return self.bytes_read
 
 
-def fetch_verified(f: IO[bytes], sha256: str, expected_size: int = -1) -> IO[bytes]:
+def fetch_verified(f: IO[bytes], sha256: str, expected_size: int = -1,
+                   max_in_memory: int = _SPOOL_IN_MEMORY) -> IO[bytes]:
     """The whole of ``f`` in a spooled temporary file (memory up to 64 MB, then local disk,
     deleted on close), after checking its sha256: no sample of a shard is used before its
     checksum is known to match. Raises ChecksumMismatch, except for a file shorter than
     ``expected_size`` (when known): that is a truncated copy, returned unverified so that the
     caller can use its complete samples and count the missing ones as truncated."""
-    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)
+    spool = tempfile.SpooledTemporaryFile(max_size=max_in_memory)
     try:
         digest = hashlib.sha256()
         size = 0
@@ -214,13 +215,16 @@ class RawSample:
 class StreamReader:
     """Reads a stream's shards in order; yields (position, RawSample | SkippedSample) for every
     position not in ``consumed``; consumed positions are never decoded and shards with no wanted
-    position never opened."""
+    position never opened. With ``lanes`` > 1 it reads that many shards at once (``plan.lane_order``:
+    each lane in order, the lanes interleaved), and a verified shard is spooled in memory up to
+    1/lanes of the 64 MB one shard may take, then to a temporary file."""
 
     def __init__(self, root: str, plan: StreamPlan, consumed: set[int], retry: RetryPolicy,
                  verify_checksums: bool, storage_options: dict[str, Any] | None,
-                 label_key: str | None = None) -> None:
+                 label_key: str | None = None, lanes: int = 1) -> None:
         self.root = root
         self.label_key = label_key
+        self.lanes = lanes
         self.plan = plan
         self.consumed = consumed
         self.retry = retry
@@ -229,8 +233,25 @@ class StreamReader:
         self.retries = 0
 
     def __iter__(self) -> Iterator[tuple[int, RawSample | SkippedSample]]:
+        runs = self.plan.position_shard
+        if self.lanes <= 1:
+            yield from self._walk(0, len(runs))
+            return
+        cuts = lane_cuts(runs, self.lanes)
+        walkers = [self._walk(a, b) for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist())]
+        lane_of = np.repeat(np.arange(len(walkers)), np.diff(cuts))
+        skip = set(self.consumed)
+        for p in lane_order(runs, self.lanes).tolist():
+            if p not in skip:
+                position, item = next(walkers[lane_of[p]])
+                if position != p:
+                    raise RuntimeError(f"lane reader out of step: read {position}, expected {p}")
+                yield position, item
+
+    def _walk(self, lo: int, hi: int) -> Iterator[tuple[int, RawSample | SkippedSample]]:
+        """Positions lo..hi-1 (whole shards), in order."""
         plan = self.plan
-        bounds = np.flatnonzero(np.diff(plan.position_shard, prepend=-1, append=-2))
+        bounds = lo + np.flatnonzero(np.diff(plan.position_shard[lo:hi], prepend=-1, append=-2))
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
             wanted = {int(plan.position_offset[p]): p for p in range(a, b) if p not in self.consumed}
             self.consumed.difference_update(range(a, b))
@@ -238,11 +259,12 @@ class StreamReader:
                 yield from self._read_shard(int(plan.position_shard[a]), wanted)
 
     def _open(self, url: str, sha256: str | None, expected_size: int) -> IO[bytes]:
-        f = open_file(url, "rb", self.storage_options)
+        share = _SPOOL_IN_MEMORY // max(1, self.lanes)      # one shard's memory, shared by the lanes
+        f = open_file(url, "rb", self.storage_options, block_size=share if self.lanes > 1 else None)
         if sha256 is None or not self.verify_checksums:
             return f
         with f:
-            return fetch_verified(f, sha256, expected_size)
+            return fetch_verified(f, sha256, expected_size, share)
 
     def _read_shard(self, row: int, wanted: dict[int, int]) -> Iterator[tuple[int, RawSample | SkippedSample]]:
         shards = self.plan.shards
