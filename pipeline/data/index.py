@@ -4,7 +4,8 @@
 columns: ``url`` (relative to the index's folder, or absolute), ``num_samples``, ``size_bytes``
 (-1: unknown) and ``sha256`` (32 raw bytes; all zero: not verified). The dataset-level fields
 (format version, split, label type, class names, ``pre_shuffled``, sample and shard counts, the
-fingerprint, free-form ``meta``) are one JSON document in the Parquet schema metadata under the
+fingerprint, free-form ``meta``; ``label_key`` for an index of existing shards, see
+``pipeline.data.foreign``) are one JSON document in the Parquet schema metadata under the
 key ``coatnet-shards``. Shards with zero samples are left out.
 
 In memory the columns stay columns (an Arrow string array and numpy arrays, about 70 bytes per
