@@ -27,12 +27,17 @@ def iter_samples(val: str) -> Iterator[tuple[str, bytes, int]]:
     """(key, encoded image bytes, label or -1) for every sample of a split, in index order, read by
     pipeline.data's shard reader (webdataset's tar parsing, checksums verified)."""
     from pipeline.data import ShardIndex, iter_shard_samples
+    from pipeline.data.reader import BadSample, parse_labels
 
     idx = ShardIndex.load(val)
+    class_index = {n: i for i, n in enumerate(idx.class_names)} if idx.label_key is not None else None
     for i in range(idx.num_shards):
         for key, img, files in iter_shard_samples(idx.shard_url(i), sha256=idx.shards.sha256_hex(i)):
-            label = int(files["cls"].decode().strip()) if "cls" in files else -1
-            yield key, img, label
+            try:     # the label as the index says it is read (cls of our shards, or the key recorded)
+                label = parse_labels(files, "single", idx.num_classes, idx.label_key, class_index)
+            except BadSample:
+                label = -1
+            yield key, img, label  # type: ignore[misc]
 
 
 def shard_urls(idx) -> list[str]:
@@ -93,7 +98,10 @@ class BatchPredictor:
         if "image" in batch:
             images = list(batch["image"])
         else:  # webdataset rows: the first image-like column
-            col = next(c for c in ("jpg", "jpeg", "png", "webp") if c in batch)
+            from pipeline.data.reader import IMAGE_EXTENSIONS
+
+            col = next((c for c in IMAGE_EXTENSIONS if c in batch), None) or next(
+                c for c in batch if c.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
             images = list(batch[col])
         ids = batch.get("path", batch.get("__key__"))
         x = preprocess(images, self.spec).to(self.device)

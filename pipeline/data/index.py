@@ -4,7 +4,8 @@
 columns: ``url`` (relative to the index's folder, or absolute), ``num_samples``, ``size_bytes``
 (-1: unknown) and ``sha256`` (32 raw bytes; all zero: not verified). The dataset-level fields
 (format version, split, label type, class names, ``pre_shuffled``, sample and shard counts, the
-fingerprint, free-form ``meta``) are one JSON document in the Parquet schema metadata under the
+fingerprint, free-form ``meta``; ``label_key`` for an index of existing shards, see
+``pipeline.data.foreign``) are one JSON document in the Parquet schema metadata under the
 key ``coatnet-shards``. Shards with zero samples are left out.
 
 In memory the columns stay columns (an Arrow string array and numpy arrays, about 70 bytes per
@@ -217,6 +218,9 @@ class ShardIndex:
     meta: dict[str, Any] = field(default_factory=dict)   # image format, source, writer options
     pre_shuffled: bool = False                 # samples were shuffled across shards when written
     stored_fingerprint: str | None = None      # as read from the file; computed once otherwise
+    label_key: str | None = None               # None: this pipeline's shards (cls / json labels);
+                                               # else how an existing shard's labels are read
+                                               # (reader.label_values: "cls", "txt", "json:FIELD")
 
     def __post_init__(self) -> None:
         if not isinstance(self.shards, ShardTable):
@@ -233,7 +237,7 @@ class ShardIndex:
         return (self.root == other.root and self.shards == other.shards
                 and self.class_names == other.class_names and self.label_type == other.label_type
                 and self.split == other.split and self.meta == other.meta
-                and self.pre_shuffled == other.pre_shuffled)
+                and self.pre_shuffled == other.pre_shuffled and self.label_key == other.label_key)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -266,7 +270,7 @@ class ShardIndex:
 
     def with_root(self, root: str) -> ShardIndex:
         return ShardIndex(root, self.shards, self.class_names, self.label_type, self.split,
-                          self.meta, self.pre_shuffled, self.stored_fingerprint)
+                          self.meta, self.pre_shuffled, self.stored_fingerprint, self.label_key)
 
     # -- the JSON format (coatnet-shards/1) ------------------------------------------------------
 
@@ -281,6 +285,7 @@ class ShardIndex:
             "pre_shuffled": self.pre_shuffled,
             "shards": [s.to_json() for s in self.shards],
             "meta": self.meta,
+            **({"label_key": self.label_key} if self.label_key is not None else {}),
         }
 
     @classmethod
@@ -293,7 +298,8 @@ class ShardIndex:
                            for s in data["shards"])
             index = cls(root=root, shards=shards, class_names=tuple(data["class_names"]),
                         label_type=data.get("label_type", "single"), split=str(data.get("split", "train")),
-                        meta=dict(data.get("meta", {})), pre_shuffled=bool(data.get("pre_shuffled", False)))
+                        meta=dict(data.get("meta", {})), pre_shuffled=bool(data.get("pre_shuffled", False)),
+                        label_key=data.get("label_key"))
         except _UnknownFormat as exc:
             raise DataError(_format_error(join_url(root, JSON_INDEX_FILENAME), exc.args[0])) from None
         except (KeyError, TypeError, ValueError) as exc:
@@ -309,7 +315,8 @@ class ShardIndex:
         return {"format": INDEX_FORMAT, "split": self.split, "label_type": self.label_type,
                 "class_names": list(self.class_names), "pre_shuffled": self.pre_shuffled,
                 "num_samples": self.num_samples, "num_shards": self.num_shards,
-                "fingerprint": self.fingerprint(), "meta": self.meta}
+                "fingerprint": self.fingerprint(), "meta": self.meta,
+                **({"label_key": self.label_key} if self.label_key is not None else {})}
 
     def to_parquet_bytes(self) -> bytes:
         table = self.shards.to_arrow()
@@ -349,7 +356,7 @@ class ShardIndex:
             index = cls(root=root, shards=shards, class_names=tuple(header["class_names"]),
                         label_type=header.get("label_type", "single"), split=str(header.get("split", "train")),
                         meta=dict(header.get("meta", {})), pre_shuffled=bool(header.get("pre_shuffled", False)),
-                        stored_fingerprint=header.get("fingerprint"))
+                        stored_fingerprint=header.get("fingerprint"), label_key=header.get("label_key"))
         except (KeyError, TypeError, ValueError, pa.ArrowException) as exc:
             raise DataError(f"malformed shard index {redact(where)}: {exc!r}") from None
         if int(header.get("num_samples", index.num_samples)) != index.num_samples:

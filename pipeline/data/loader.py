@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.cropdecode import CropDecoder
 from pipeline.data.index import ShardIndex
 from pipeline.data.plan import (EpochSequence, Generation, PlanConfig, StreamPlan, batch_seed, batch_transform_seed,
-                                plan_epoch, rank_batch_sizes, shuffle_rng, shuffled_positions)
+                                plan_epoch, rank_batch_sizes, read_order, shuffle_rng)
 from pipeline.data.reader import (DEFAULT_MAX_PIXELS, BadSample, RawSample, SkippedSample, StreamReader, decode_sample,
                                   parse_labels)
 from pipeline.data.storage import DataError, register_webdataset_handlers
@@ -50,6 +50,7 @@ from pipeline.redact import redact
 from pipeline.retry import RetryPolicy
 
 STATE_VERSION = 2
+DEFAULT_INTERLEAVE = 32       # shards a loader worker reads at once (lanes) in a shuffled epoch
 _MAX_SKIP_RECORDS = 1000
 
 
@@ -118,6 +119,8 @@ class _StreamJob:
     max_pixels: int
     output: Literal["float", "uint8"] = "float"
     crop_decode: bool = False
+    label_key: str | None = None                  # existing shards: how labels are read (index)
+    class_index: dict[str, int] | None = None     # class name -> index, for such labels
 
 
 def _sample_tensor(item: RawSample, job: _StreamJob, transform: Any,
@@ -128,7 +131,7 @@ def _sample_tensor(item: RawSample, job: _StreamJob, transform: Any,
     jpeg = next((item.files[e] for e in ("jpg", "jpeg") if e in item.files), None)
     out: torch.Tensor | None = None
     if crop_decoder is not None and jpeg is not None:
-        label = parse_labels(item.files, job.label_type, job.num_classes)
+        label = parse_labels(item.files, job.label_type, job.num_classes, job.label_key, job.class_index)
         try:
             out = crop_decoder(jpeg)
         except BadSample:
@@ -136,7 +139,8 @@ def _sample_tensor(item: RawSample, job: _StreamJob, transform: Any,
         except Exception as exc:
             raise BadSample(f"transform failed ({type(exc).__name__}: {exc})") from exc
     if out is None:
-        image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels)
+        image, label = decode_sample(item.files, job.label_type, job.num_classes, job.max_pixels,
+                                     job.label_key, job.class_index)
         try:
             out = transform(image)
         except Exception as exc:
@@ -161,11 +165,12 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
     """The batches of one stream of one rank for one epoch, after ``job.consumed[stream]``."""
     cfg = job.plan
     plan = job.streams[stream]
-    positions = shuffled_positions(plan.num_positions, cfg.shuffle_buffer,
-                                   shuffle_rng(cfg, job.epoch, stream, job.generation))
+    rng = shuffle_rng(cfg, job.epoch, stream, job.generation)
+    positions = read_order(plan.position_shard, cfg, rng)     # lanes: several shards at once
     done = job.consumed[stream]
     consumed = set(itertools.islice(positions, sum(plan.batch_sizes[:done])))
-    reader = StreamReader(job.root, plan, consumed, job.retry, job.verify_checksums, job.storage_options)
+    reader = StreamReader(job.root, plan, consumed, job.retry, job.verify_checksums, job.storage_options,
+                          job.label_key, lanes=cfg.lanes if rng is not None else 1)
     items = iter(reader)
     read_ahead: dict[int, RawSample | SkippedSample] = {}
     transform = crop_transform(job.augment, job.img_size, job.train)
@@ -252,11 +257,12 @@ class StreamingLoader:
                  retry: RetryPolicy | None = None, storage_options: dict[str, Any] | None = None,
                  multiprocessing_context: str | None = None,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 output: Literal["float", "uint8"] = "float", crop_decode: bool = False) -> None:
+                 output: Literal["float", "uint8"] = "float", crop_decode: bool = False,
+                 interleave: int = DEFAULT_INTERLEAVE) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if batch_size < 1 or num_workers < 0 or img_size < 8:
-            raise ValueError("batch_size must be >= 1, num_workers >= 0 and img_size >= 8")
+        if batch_size < 1 or num_workers < 0 or img_size < 8 or interleave < 1:
+            raise ValueError("batch_size and interleave must be >= 1, num_workers >= 0 and img_size >= 8")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
         if output not in ("float", "uint8"):
@@ -284,7 +290,7 @@ class StreamingLoader:
                                batch_size=batch_size, seed=seed,
                                shuffle=train if shuffle is None else shuffle,
                                drop_last=drop_last, samples_per_epoch=samples_per_epoch,
-                               shuffle_buffer=shuffle_buffer)
+                               shuffle_buffer=shuffle_buffer, lanes=interleave)
         _, self._rank_samples, sizes = rank_batch_sizes(self.index.num_samples, self.plan)
         self._num_batches = len(sizes)
         register_webdataset_handlers()   # for webdataset users in this process; workers do it too
@@ -325,7 +331,7 @@ class StreamingLoader:
     def _generation(self) -> Generation:
         p = self.plan
         return Generation(p.world_size, p.num_streams, p.batch_size, p.drop_last, p.shuffle_buffer,
-                          tuple(self._consumed))
+                          tuple(self._consumed), p.lanes)
 
     def state_dict(self) -> dict[str, Any]:
         p = self.plan
@@ -352,12 +358,12 @@ class StreamingLoader:
         p = self.plan
         mine = self.state_dict()
         saved = [Generation(g["world_size"], g["num_streams"], g["batch_size"], g["drop_last"],
-                            g["shuffle_buffer"], tuple(int(c) for c in g["consumed"]))
+                            g["shuffle_buffer"], tuple(int(c) for c in g["consumed"]), int(g.get("lanes", 1)))
                  for g in state.get("generations", [])]
-        if not saved:      # version 1: one generation, with this loader's shuffle buffer
+        if not saved:      # version 1: one generation, with this loader's shuffle buffer and lanes
             saved = [Generation(state["world_size"], state["num_streams"], state["batch_size"],
                                 state["drop_last"], p.shuffle_buffer,
-                                tuple(int(c) for c in state["consumed"]))]
+                                tuple(int(c) for c in state["consumed"]), p.lanes)]
         started = any(any(g.consumed) for g in saved)
         if started:
             fields = ["seed", "shuffle", "drop_last", "samples_per_epoch"]
@@ -373,8 +379,8 @@ class StreamingLoader:
         if not started:
             self._generations = []
             self._consumed = [0] * p.num_streams
-        elif (last.world_size, last.num_streams, last.shuffle_buffer, last.batch_size) == \
-                (p.world_size, p.num_streams, p.shuffle_buffer, p.batch_size):
+        elif (last.world_size, last.num_streams, last.shuffle_buffer, last.batch_size, last.lanes) == \
+                (p.world_size, p.num_streams, p.shuffle_buffer, p.batch_size, p.lanes):
             self._generations = saved[:-1]
             self._consumed = list(last.consumed)
         else:
@@ -398,7 +404,9 @@ class StreamingLoader:
                           consumed=tuple(self._consumed), img_size=self.img_size, train=self.train,
                           augment=self.augment, retry=self.retry, verify_checksums=self.verify_checksums,
                           storage_options=self.storage_options, max_pixels=self.max_image_pixels,
-                          output=self.output, crop_decode=self.crop_decode)
+                          output=self.output, crop_decode=self.crop_decode, label_key=self.index.label_key,
+                          class_index=({n: i for i, n in enumerate(self.index.class_names)}
+                                       if self.index.label_key is not None else None))
 
     def _record(self, batch: Batch) -> None:
         self._consumed[batch.stream] += 1

@@ -57,6 +57,7 @@ class PlanConfig:
     drop_last: bool
     samples_per_epoch: int | None
     shuffle_buffer: int = 1000
+    lanes: int = 1               # shards a stream reads at once, interleaved (shuffled epochs only)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Generation:
     drop_last: bool
     shuffle_buffer: int
     consumed: tuple[int, ...]
+    lanes: int = 1               # states written before lanes existed read their shards one by one
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,45 @@ def shuffled_positions(total: int | None, buffer_size: int, rng: np.random.Gener
     yield from (buf[i] for i in rng.permutation(len(buf)))
 
 
+def lane_cuts(shard_runs: np.ndarray, lanes: int) -> np.ndarray:
+    """Where a stream's lanes start (and, last, its length): the shard boundaries nearest to
+    multiples of n / lanes."""
+    n = len(shard_runs)
+    if lanes <= 1 or n == 0:
+        return np.array([0, n], dtype=np.int64)
+    starts = np.flatnonzero(np.diff(shard_runs, prepend=shard_runs[0] - 1))   # first position of each shard
+    targets = np.arange(1, lanes) * (n / lanes)
+    right = np.minimum(np.searchsorted(starts, targets), len(starts) - 1)
+    left = np.maximum(right - 1, 0)
+    nearest = np.where(np.abs(starts[left] - targets) <= np.abs(starts[right] - targets), starts[left], starts[right])
+    return np.unique(np.concatenate([[0], nearest, [n]])).astype(np.int64)
+
+
+def lane_order(shard_runs: np.ndarray, lanes: int) -> np.ndarray:
+    """The order a stream reads its positions 0..n-1 in when it reads ``lanes`` shards at once:
+    its positions (ascending; ``shard_runs[i]`` equal for consecutive positions of one shard) cut
+    at shard boundaries into ``lanes`` lanes of about n / lanes positions (fewer when the stream
+    has fewer shards), each lane read in order, the lanes interleaved in proportion to their
+    lengths (position j of a lane of length m comes at (j + 1/2) / m), so that they end together.
+    A pure function of the shard boundaries: the elastic replay recomputes it. Identity for 1."""
+    n = len(shard_runs)
+    if lanes <= 1 or n == 0:
+        return np.arange(n, dtype=np.int64)
+    cuts = lane_cuts(shard_runs, lanes)
+    length = np.diff(cuts)
+    lane = np.repeat(np.arange(len(length)), length)
+    step = np.arange(n) - np.repeat(cuts[:-1], length)
+    return np.lexsort((lane, (step + 0.5) / length[lane])).astype(np.int64)
+
+
+def read_order(shard_runs: np.ndarray, cfg: PlanConfig, rng: np.random.Generator | None) -> Iterator[int]:
+    """The order a stream yields its positions: the shuffle buffer (``shuffled_positions``) run over
+    the lanes' interleaved order (``lane_order``; one lane when the epoch is not shuffled)."""
+    interleaved = lane_order(shard_runs, cfg.lanes if rng is not None else 1)
+    for i in shuffled_positions(len(interleaved), cfg.shuffle_buffer, rng):
+        yield int(interleaved[i])
+
+
 def shuffle_rng(cfg: PlanConfig, epoch: int, stream: int, generation: int) -> np.random.Generator | None:
     if not cfg.shuffle:
         return None
@@ -178,8 +219,10 @@ class EpochSequence:
     global positions in the epoch's shard-permuted sequence (ascending too)."""
 
     def __init__(self, num_samples: int, generations: Sequence[Generation], cfg: PlanConfig,
-                 epoch: int) -> None:
+                 epoch: int, cumulative: np.ndarray | None = None) -> None:
         self.num_samples = num_samples
+        self.cumulative = cumulative        # shard boundaries in the sequence (for lanes > 1)
+        self._replayed: dict[tuple[int, int], np.ndarray] = {}
         self.generations = list(generations)
         self.cfg = cfg
         self.epoch = epoch
@@ -196,7 +239,7 @@ class EpochSequence:
     def _gen_cfg(self, gen: Generation, rank: int) -> PlanConfig:
         return replace(self.cfg, world_size=gen.world_size, rank=rank, num_streams=gen.num_streams,
                        batch_size=gen.batch_size, drop_last=gen.drop_last,
-                       shuffle_buffer=gen.shuffle_buffer)
+                       shuffle_buffer=gen.shuffle_buffer, lanes=gen.lanes)
 
     def _remaining_blocks(self, g: int, gen: Generation) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
         """R(g) cut into blocks (one per stream of generation g, then the part no rank read):
@@ -218,14 +261,26 @@ class EpochSequence:
 
     def _remaining_locals(self, g: int, block: int) -> np.ndarray:
         """Ascending local positions of a generation-g block that it did not consume."""
+        if (g, block) not in self._replayed:
+            self._replayed[(g, block)] = self._replay(g, block)
+        return self._replayed[(g, block)]
+
+    def _replay(self, g: int, block: int) -> np.ndarray:
         gen = self.generations[g]
         rank, k, length = self._blocks[g][2][block]
         if rank < 0:
             return np.arange(length, dtype=np.int64)
         cfg = self._gen_cfg(gen, rank)
-        sizes = _stream_slices(self._lengths[g], cfg)[k][1]
+        start, sizes, _ = _stream_slices(self._lengths[g], cfg)[k]
         taken = int(sizes[:gen.consumed[k]].sum())
-        order = shuffled_positions(length, gen.shuffle_buffer, shuffle_rng(cfg, self.epoch, k, g))
+        rng = shuffle_rng(cfg, self.epoch, k, g)
+        if gen.lanes > 1 and rng is not None:
+            if self.cumulative is None:
+                raise ValueError("replaying a generation that read several shards at once needs the shard counts")
+            runs = np.searchsorted(self.cumulative, self.positions(g, np.arange(start, start + length)), side="right")
+            order: Iterator[int] = read_order(runs, cfg, rng)
+        else:
+            order = shuffled_positions(length, gen.shuffle_buffer, rng)
         keep = np.ones(length, dtype=bool)
         keep[np.fromiter(itertools.islice(order, taken), dtype=np.int64, count=taken)] = False
         return np.flatnonzero(keep)
@@ -266,7 +321,7 @@ def plan_epoch(index: ShardIndex, epoch: int, cfg: PlanConfig,
         return [_resampled_plan(index.shards, epoch, k, cfg) for k in range(K)]
     order = _rng(cfg.seed, epoch, 0).permutation(len(counts)) if cfg.shuffle else np.arange(len(counts))
     cumulative = np.concatenate([[0], np.cumsum(counts[order])])
-    sequence = EpochSequence(int(cumulative[-1]), generations, cfg, epoch)
+    sequence = EpochSequence(int(cumulative[-1]), generations, cfg, epoch, cumulative)
     g = len(generations)
     n = sequence.length(g)
     plans = []

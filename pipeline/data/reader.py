@@ -28,19 +28,19 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline.data.plan import StreamPlan
+from pipeline.data.plan import StreamPlan, lane_cuts, lane_order
 from pipeline.data.storage import DataError, open_file, resolve_url
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, is_transient
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")   # in preference order
 DEFAULT_MAX_PIXELS = 89_478_485      # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
 _SPOOL_IN_MEMORY = 64 << 20          # larger shards are spooled to a temporary file
 
 
 class ShardSample(NamedTuple):
     key: str
-    image: bytes                     # the encoded image (jpg, jpeg, png or webp entry)
+    image: bytes                     # the encoded image (the first entry ``image_entry`` finds)
     files: dict[str, bytes]          # every entry of the sample by extension, image included
 
 
@@ -71,13 +71,14 @@ class CountingReader:
         return self.bytes_read
 
 
-def fetch_verified(f: IO[bytes], sha256: str, expected_size: int = -1) -> IO[bytes]:
+def fetch_verified(f: IO[bytes], sha256: str, expected_size: int = -1,
+                   max_in_memory: int = _SPOOL_IN_MEMORY) -> IO[bytes]:
     """The whole of ``f`` in a spooled temporary file (memory up to 64 MB, then local disk,
     deleted on close), after checking its sha256: no sample of a shard is used before its
     checksum is known to match. Raises ChecksumMismatch, except for a file shorter than
     ``expected_size`` (when known): that is a truncated copy, returned unverified so that the
     caller can use its complete samples and count the missing ones as truncated."""
-    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)
+    spool = tempfile.SpooledTemporaryFile(max_size=max_in_memory)
     try:
         digest = hashlib.sha256()
         size = 0
@@ -103,6 +104,57 @@ def tar_samples(fileobj: IO[bytes], url: str = "") -> Iterator[tuple[str, dict[s
         key = sample.pop("__key__")
         sample.pop("__url__", None)
         yield key, sample
+
+
+def image_entry(files: dict[str, bytes]) -> bytes | None:
+    """The sample's encoded image: the first of ``IMAGE_EXTENSIONS`` it has, else any entry whose
+    extension ends in one (``image.jpg``, as some writers name them); None without an image."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in files:
+            return files[ext]
+    return next((v for k, v in files.items() if k.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+
+
+def label_values(files: dict[str, bytes], label_key: str) -> list[str] | None:
+    """The raw label values of a sample under ``label_key``: ``EXT`` (the entry's text, e.g.
+    ``cls`` or ``txt``: an integer or a class name) or ``EXT:FIELD`` (a field of a JSON entry,
+    dots for nesting: an integer, a class name or a list of them). None when the sample has no
+    such label (no entry, no field, a null); ValueError when the entry does not parse."""
+    member, _, path = label_key.partition(":")
+    if member not in files:
+        return None
+    if not path:
+        text = files[member].decode().strip()
+        return [text] if text else None
+    value: Any = json.loads(files[member])
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    return [str(v).strip() for v in values if not isinstance(v, (dict, list))]
+
+
+def has_label(files: dict[str, bytes], label_key: str) -> bool:
+    try:
+        return bool(label_values(files, label_key))
+    except (ValueError, UnicodeDecodeError):
+        return True      # present but unreadable: counted, then skipped when decoded
+
+
+def usable_samples(samples: Iterator[tuple[str, dict[str, bytes]]], label_key: str | None
+                   ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of a shard that count, as the index counted them: with a ``label_key`` (an
+    index of existing shards, ``pipeline.data.foreign``) only those with an image and that label;
+    without (shards this pipeline wrote), every sample of the tar."""
+    if label_key is None:
+        yield from samples
+        return
+    for key, files in samples:
+        if image_entry(files) is not None and has_label(files, label_key):
+            yield key, files
 
 
 def iter_shard_samples(url: str, *, storage_options: dict[str, Any] | None = None,
@@ -132,7 +184,7 @@ def iter_shard_samples(url: str, *, storage_options: dict[str, Any] | None = Non
                 raise DataError(f"shard {redact(url)}: {exc}") from None
         with source:
             for key, files in tar_samples(source, redact(url)):
-                image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                image = image_entry(files)
                 if image is not None:
                     yield ShardSample(key, image, files)
 
@@ -163,11 +215,16 @@ class RawSample:
 class StreamReader:
     """Reads a stream's shards in order; yields (position, RawSample | SkippedSample) for every
     position not in ``consumed``; consumed positions are never decoded and shards with no wanted
-    position never opened."""
+    position never opened. With ``lanes`` > 1 it reads that many shards at once (``plan.lane_order``:
+    each lane in order, the lanes interleaved), and a verified shard is spooled in memory up to
+    1/lanes of the 64 MB one shard may take, then to a temporary file."""
 
     def __init__(self, root: str, plan: StreamPlan, consumed: set[int], retry: RetryPolicy,
-                 verify_checksums: bool, storage_options: dict[str, Any] | None) -> None:
+                 verify_checksums: bool, storage_options: dict[str, Any] | None,
+                 label_key: str | None = None, lanes: int = 1) -> None:
         self.root = root
+        self.label_key = label_key
+        self.lanes = lanes
         self.plan = plan
         self.consumed = consumed
         self.retry = retry
@@ -176,8 +233,25 @@ class StreamReader:
         self.retries = 0
 
     def __iter__(self) -> Iterator[tuple[int, RawSample | SkippedSample]]:
+        runs = self.plan.position_shard
+        if self.lanes <= 1:
+            yield from self._walk(0, len(runs))
+            return
+        cuts = lane_cuts(runs, self.lanes)
+        walkers = [self._walk(a, b) for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist())]
+        lane_of = np.repeat(np.arange(len(walkers)), np.diff(cuts))
+        skip = set(self.consumed)
+        for p in lane_order(runs, self.lanes).tolist():
+            if p not in skip:
+                position, item = next(walkers[lane_of[p]])
+                if position != p:
+                    raise RuntimeError(f"lane reader out of step: read {position}, expected {p}")
+                yield position, item
+
+    def _walk(self, lo: int, hi: int) -> Iterator[tuple[int, RawSample | SkippedSample]]:
+        """Positions lo..hi-1 (whole shards), in order."""
         plan = self.plan
-        bounds = np.flatnonzero(np.diff(plan.position_shard, prepend=-1, append=-2))
+        bounds = lo + np.flatnonzero(np.diff(plan.position_shard[lo:hi], prepend=-1, append=-2))
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
             wanted = {int(plan.position_offset[p]): p for p in range(a, b) if p not in self.consumed}
             self.consumed.difference_update(range(a, b))
@@ -185,11 +259,12 @@ class StreamReader:
                 yield from self._read_shard(int(plan.position_shard[a]), wanted)
 
     def _open(self, url: str, sha256: str | None, expected_size: int) -> IO[bytes]:
-        f = open_file(url, "rb", self.storage_options)
+        share = _SPOOL_IN_MEMORY // max(1, self.lanes)      # one shard's memory, shared by the lanes
+        f = open_file(url, "rb", self.storage_options, block_size=share if self.lanes > 1 else None)
         if sha256 is None or not self.verify_checksums:
             return f
         with f:
-            return fetch_verified(f, sha256, expected_size)
+            return fetch_verified(f, sha256, expected_size, share)
 
     def _read_shard(self, row: int, wanted: dict[int, int]) -> Iterator[tuple[int, RawSample | SkippedSample]]:
         shards = self.plan.shards
@@ -205,7 +280,8 @@ class StreamReader:
                 with self._open(url, sha256, expected_size) as f:
                     reader = CountingReader(f)
                     seen = 0
-                    for i, (key, files) in enumerate(tar_samples(reader, redact(url))):
+                    samples = usable_samples(tar_samples(reader, redact(url)), self.label_key)
+                    for i, (key, files) in enumerate(samples):
                         seen = i + 1
                         if i == todo[0]:
                             todo.pop(0)
@@ -247,7 +323,13 @@ class BadSample(Exception):
     pass
 
 
-def parse_labels(files: dict[str, bytes], label_type: str, num_classes: int) -> int | list[int]:
+def parse_labels(files: dict[str, bytes], label_type: str, num_classes: int,
+                 label_key: str | None = None, class_index: dict[str, int] | None = None) -> int | list[int]:
+    """The label (single) or labels (multi) of a sample. ``label_key`` None: this pipeline's own
+    shards (``cls`` holds the index; ``json`` holds ``{"labels": [...]}``); otherwise as the index
+    of existing shards recorded it (``label_values``), class names mapped by ``class_index``."""
+    if label_key is not None:
+        return _parse_keyed(files, label_type, num_classes, label_key, class_index or {})
     labels: list[int]
     try:
         if label_type == "single":
@@ -265,6 +347,29 @@ def parse_labels(files: dict[str, bytes], label_type: str, num_classes: int) -> 
     if not labels or any(not 0 <= x < num_classes for x in labels):
         raise BadSample(f"label out of range: {labels} (num_classes={num_classes})")
     return label
+
+
+def _parse_keyed(files: dict[str, bytes], label_type: str, num_classes: int, label_key: str,
+                 class_index: dict[str, int]) -> int | list[int]:
+    try:
+        values = label_values(files, label_key)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadSample(f"unparseable label ({exc})") from exc
+    if not values:
+        raise BadSample(f"missing label ({label_key})")
+    labels = []
+    for v in values:
+        if v in class_index:
+            labels.append(class_index[v])
+        elif v.lstrip("-").isdigit() and 0 <= int(v) < num_classes:
+            labels.append(int(v))
+        else:
+            raise BadSample(f"label out of range or unknown class: {v!r}")
+    if label_type == "single":
+        if len(labels) > 1:
+            raise BadSample(f"several labels in a single-label split: {values}")
+        return labels[0]
+    return sorted(set(labels))
 
 
 def pil_to_rgb8(image: Image.Image) -> np.ndarray:
@@ -309,10 +414,11 @@ def decode_rgb8(image_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tor
 
 
 def decode_sample(files: dict[str, bytes], label_type: str, num_classes: int,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, int | list[int]]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, label_key: str | None = None,
+                  class_index: dict[str, int] | None = None) -> tuple[torch.Tensor, int | list[int]]:
     """uint8 [3, H, W] image and the label(s) of one raw sample; BadSample if unusable."""
-    image_bytes = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    image_bytes = image_entry(files)
     if image_bytes is None:
         raise BadSample("no image entry")
-    label = parse_labels(files, label_type, num_classes)
+    label = parse_labels(files, label_type, num_classes, label_key, class_index)
     return decode_rgb8(image_bytes, max_pixels), label

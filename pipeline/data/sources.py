@@ -4,7 +4,9 @@ read by each part task).
 
 A manifest has an image column (a path relative to the manifest, or a URL) and ``label``
 (single-label) or ``labels`` (multi-label: a list, a JSON list or a|b|c); labels are class names or
-integer indices.
+integer indices. A Parquet manifest may hold the images themselves: an image column of binary
+type, or the struct ``{bytes, path}`` Hugging Face ``datasets`` writes (a row whose bytes are null
+reads its path); class names then also come from the file's Hugging Face ``ClassLabel`` metadata.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
@@ -23,13 +25,15 @@ from pipeline.data.storage import DataError, is_url, open_file, parent_url, read
 from pipeline.redact import redact
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_IMAGE_COLUMNS = ("image", "path", "url", "filepath", "file", "filename", "image_path")
+_IMAGE_COLUMNS = ("image", "path", "url", "filepath", "file", "filename", "image_path",
+                  "img", "jpg", "jpeg", "png", "webp", "image_bytes")   # the last ones: embedded bytes
 
 
 @dataclass(frozen=True)
 class InputItem:
-    source: str                   # path or URL of an image, or "demo:<index>"
+    source: str                   # path or URL of an image, "demo:<index>", or "<manifest>#row=<n>"
     labels: tuple[int, ...] = ()  # class indices; filled by the shard task for demo items
+    data: bytes | None = field(default=None, repr=False, compare=False)   # embedded image bytes
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ def read_manifest(url: str, class_names: Sequence[str] | None = None,
     tokens_per_row = [_split_label_tokens(row.get(label_column)) for row in rows]
 
     if class_names is None:
-        class_names = _class_names_from_tokens({t for tokens in tokens_per_row for t in tokens})
+        class_names = class_names_from_tokens({t for tokens in tokens_per_row for t in tokens})
     class_index = {name: i for i, name in enumerate(class_names)}
     items, skipped = [], []
     for row_number, (row, tokens) in enumerate(zip(rows, tokens_per_row), start=2):
@@ -166,6 +170,7 @@ class ManifestColumns:
     image_column: str
     label_column: str
     class_names: tuple[str, ...]
+    embedded: bool = False        # the image column holds the images (binary, or {bytes, path})
 
     @property
     def label_type(self) -> LabelType:
@@ -191,8 +196,11 @@ def scan_manifest(url: str, class_names: Sequence[str] | None = None,
             columns = pf.schema_arrow.names
             num_rows = pf.metadata.num_rows
             image_column, label_column = _manifest_columns(url, columns)
+            embedded = _is_embedded(pf.schema_arrow.field(image_column).type)
             if num_rows == 0:
                 raise DataError(f"manifest {redact(url)} has no rows")
+            if class_names is None:
+                class_names = _hf_class_names(pf.schema_arrow.metadata, label_column)
             if class_names is None:
                 seen: set[str] = set()
                 for group in range(pf.metadata.num_row_groups):   # one at a time: a call over all
@@ -201,15 +209,35 @@ def scan_manifest(url: str, class_names: Sequence[str] | None = None,
                         values = pc.list_flatten(values)
                     for value in pc.unique(values).to_pylist():
                         seen.update(_split_label_tokens(value))
-                class_names = _class_names_from_tokens(seen)
+                class_names = class_names_from_tokens(seen)
     except FileNotFoundError as exc:
         raise DataError(f"manifest {redact(url)} does not exist") from exc
     except (OSError, ValueError) as exc:
         raise DataError(f"manifest {redact(url)} cannot be read: {exc}") from exc
-    return ManifestColumns(url, num_rows, image_column, label_column, tuple(class_names))
+    return ManifestColumns(url, num_rows, image_column, label_column, tuple(class_names), embedded)
 
 
-def _class_names_from_tokens(seen: set[str]) -> list[str]:
+def _is_embedded(kind: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        return kind.get_field_index("bytes") >= 0
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _hf_class_names(metadata: dict[bytes, bytes] | None, label_column: str) -> list[str] | None:
+    """The ``ClassLabel`` names Hugging Face ``datasets`` stores in a Parquet file's metadata."""
+    try:
+        features = json.loads((metadata or {})[b"huggingface"])["info"]["features"][label_column]
+        if features.get("_type") == "Sequence":
+            features = features["feature"]
+        names = features["names"] if features.get("_type") == "ClassLabel" else None
+        return [str(n) for n in names] if names else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def class_names_from_tokens(seen: set[str]) -> list[str]:
     if seen and all(t.lstrip("-").isdigit() for t in seen):
         return [str(i) for i in range(max(0, max(int(t) for t in seen)) + 1)]
     return sorted(t for t in seen if not t.lstrip("-").isdigit())
@@ -247,9 +275,24 @@ class ManifestRows:
                     break
         class_index = {name: i for i, name in enumerate(m.class_names)}
         base = parent_url(m.url)
+        if m.embedded:
+            return [_embedded_row(image, _split_label_tokens(label), base, class_index, m.label_type,
+                                  f"{redact(m.url)}#row={self.start + i}")
+                    for i, (image, label) in enumerate(zip(images, labels))]
         return [_parse_row(image, _split_label_tokens(label), base, class_index, m.label_type,
                            f"{redact(m.url)} row {self.start + i}")
                 for i, (image, label) in enumerate(zip(images, labels))]
+
+
+def _embedded_row(image: Any, tokens: list[str], base: str, class_index: dict[str, int],
+                  label_type: LabelType, where: str) -> InputItem | SkippedInput:
+    """A row of a manifest holding its image: bytes (binary column) or {bytes, path} (Hugging Face);
+    null bytes with a path: the path is read, as a path column's would be."""
+    data, path = (image.get("bytes"), image.get("path")) if isinstance(image, dict) else (image, None)
+    if data is None:
+        return _parse_row(path, tokens, base, class_index, label_type, where)
+    labels = _parse_labels(tokens, class_index, label_type)
+    return InputItem(where, labels, bytes(data)) if isinstance(labels, tuple) else SkippedInput(where, labels)
 
 
 def _parse_row(image: Any, tokens: list[str], base: str, class_index: dict[str, int],
@@ -258,10 +301,16 @@ def _parse_row(image: Any, tokens: list[str], base: str, class_index: dict[str, 
     if image is None or not str(image).strip():
         return SkippedInput(where, "missing image")
     source = resolve_url(base, str(image).strip())
+    labels = _parse_labels(tokens, class_index, label_type)
+    return InputItem(source, labels) if isinstance(labels, tuple) else SkippedInput(redact(source), labels)
+
+
+def _parse_labels(tokens: list[str], class_index: dict[str, int], label_type: LabelType) -> tuple[int, ...] | str:
+    """A row's class indices (sorted, distinct), or why it has none usable."""
     if not tokens:
-        return SkippedInput(redact(source), "missing label")
+        return "missing label"
     if label_type == "single" and len(tokens) > 1:
-        return SkippedInput(redact(source), "several labels in a single-label manifest")
+        return "several labels in a single-label manifest"
     labels: list[int] = []
     for token in tokens:
         if token in class_index:
@@ -269,5 +318,5 @@ def _parse_row(image: Any, tokens: list[str], base: str, class_index: dict[str, 
         elif token.lstrip("-").isdigit() and 0 <= int(token) < len(class_index):
             labels.append(int(token))
         else:
-            return SkippedInput(redact(source), f"label out of range or unknown class: {token!r}")
-    return InputItem(source, tuple(sorted(set(labels))))
+            return f"label out of range or unknown class: {token!r}"
+    return tuple(sorted(set(labels)))

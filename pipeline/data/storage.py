@@ -54,12 +54,14 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     return fs, path
 
 
-def open_file(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> IO[bytes]:
-    """Open ``url`` through fsspec; parent folders are created for local writes."""
+def open_file(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None,
+              block_size: int | None = None) -> IO[bytes]:
+    """Open ``url`` through fsspec; parent folders are created for local writes. ``block_size``:
+    the read-ahead buffer of an object-storage file (s3fs: 50 MB by default)."""
     fs, path = url_to_fs(url, storage_options)
     if "w" in mode and isinstance(fs, LocalFileSystem):
         fs.makedirs(fs._parent(path), exist_ok=True)
-    return fs.open(path, mode)
+    return fs.open(path, mode) if block_size is None else fs.open(path, mode, block_size=block_size)
 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:

@@ -180,10 +180,19 @@ class _Shard:
         opts = asdict(d.options)
         for volatile in _VOLATILE_OPTIONS:
             opts.pop(volatile)
-        inputs = [asdict(i) if isinstance(i, InputItem) else {"skipped": asdict(i)} for i in self.inputs]
+        inputs = [_input_identity(i) if isinstance(i, InputItem) else {"skipped": asdict(i)} for i in self.inputs]
         payload = json.dumps([self.first_key, d.key_width, inputs, d.label_type, d.num_classes, opts,
                               asdict(d.demo) if d.demo else None], sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _input_identity(item: InputItem) -> dict[str, Any]:
+    """What a shard's record fingerprints of an input: its source and labels, and for embedded
+    bytes (a Parquet manifest holding images) their digest, not the bytes."""
+    out: dict[str, Any] = {"source": item.source, "labels": item.labels}
+    if item.data is not None:
+        out["sha1"] = hashlib.sha1(item.data).hexdigest()
+    return out
 
 
 def _encode_image(data: bytes, options: ShardOptions) -> tuple[bytes, str]:
@@ -216,6 +225,8 @@ def _load_input(item: InputItem, d: _Dataset) -> tuple[bytes, str, tuple[int, ..
         demo = d.demo or DemoSpec()
         data, labels = demo_jpeg(int(item.source[len(_DEMO_PREFIX):]), demo.image_size, demo.seed,
                                  demo.multi_label, d.options.quality)
+    elif item.data is not None:
+        data, labels = item.data, item.labels
     else:
         try:
             data = call_with_retry(lambda: read_bytes(item.source, d.storage_options), RetryPolicy())
