@@ -104,14 +104,15 @@ def to_universal(directory: str, out: str | None = None, *, world_size: int | No
     folder ``out`` (default: a new temporary one), returned. Only the files of ranks below
     ``world_size`` (default: the train state's) are read - DeepSpeed's converter takes every
     ``*_states.pt`` it finds and its degree from the highest rank, so stale files of another save
-    must not be in its view. ``workers`` extract and merge processes (default: this host's CPUs).
-    An engine built with ``{"checkpoint": {"load_universal": true}}`` then loads it at any world
-    size (``load(..., universal=folder)``)."""
-    import argparse
-    import contextlib
-    import io
+    must not be in its view. ``workers`` extract processes (default: one per CPU this process may
+    use, at most one per rank file), half as many merge processes.
 
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    The converter runs as a process of its own: its pools fork, and a fork of a training process
+    whose torch CPU thread pool has run hangs in the children (OpenMP's barrier). An engine built
+    with ``{"checkpoint": {"load_universal": true}}`` then loads it at any world size
+    (``load(..., universal=folder)``)."""
+    import subprocess
+    import sys
 
     world_size = world_size or read_state(directory).world_size
     if out is None:
@@ -121,24 +122,28 @@ def to_universal(directory: str, out: str | None = None, *, world_size: int | No
         os.makedirs(out)
     view = os.path.join(out, "input")                   # this save's ranks only, as links
     os.makedirs(view)
+    ranks = set()
     for name in os.listdir(os.path.join(directory, DS_TAG)):
         rank = _rank_of(name)
         if world_size is None or rank is None or rank < world_size:
             os.symlink(os.path.abspath(os.path.join(directory, DS_TAG, name)), os.path.join(view, name))
-    workers = workers or max(1, os.cpu_count() or 1)
-    args = argparse.Namespace(input_folder=view, output_folder=os.path.join(out, UNIVERSAL_TAG),
-                              num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
-                              keep_temp_folder=False, strict=True, inject_missing_state=False)
-    with contextlib.redirect_stdout(io.StringIO()):      # its progress bars and banners
-        ds_to_universal(args)
-    shutil.rmtree(view, ignore_errors=True)
+            ranks.add(rank)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(workers or cpus, len(ranks - {None}) or 1))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", view,
+           "--output_folder", os.path.join(out, UNIVERSAL_TAG), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"DeepSpeed's universal conversion of {directory} failed:\n{done.stderr[-3000:]}")
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
     return out
 
 
 def _rank_of(file_name: str) -> int | None:
     """The data-parallel rank a ZeRO file belongs to (``..._zero_pp_rank_<r>_...``), else None."""
-    import re
-
     m = re.search(r"zero_pp_rank_(\d+)_", file_name)
     return int(m.group(1)) if m else None
 

@@ -157,6 +157,7 @@ class ScalingConfig(Section):
     num_workers: int = Field(2, ge=1)               # the most workers (the batch invariant's count)
     min_workers: int | None = Field(None, ge=1)     # elastic: runs on counts in min..num_workers (pipeline.elastic)
     resize_check_s: float = Field(60.0, ge=0)       # elastic: how often Ray looks for more resources
+    restart_settle_s: float | None = Field(None, ge=0)   # elastic: wait after a failure; None: Ray's node-death detection time
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = {}

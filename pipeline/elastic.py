@@ -100,9 +100,11 @@ def node_death_detection_s() -> float:
         return 18.0
 
 
-def make_policy(scaling_config, *, counts: list[int], key: str, ask_timeout_s: float = 600.0, say=print):
+def make_policy(scaling_config, *, counts: list[int], key: str, ask_timeout_s: float = 600.0,
+                settle_s: float | None = None, say=print):
     """A ``BatchSplittingPolicy`` (defined here so that importing this module needs no Ray); ``say``
-    puts a line on the job's console (``TrainTask.say``)."""
+    puts a line on the job's console (``TrainTask.say``); ``settle_s``: the wait after a failure
+    (None: Ray's node-death detection time)."""
     from ray.train.v2._internal.execution.scaling_policy import (
         ElasticScalingPolicy,
         NoopDecision,
@@ -121,7 +123,8 @@ def make_policy(scaling_config, *, counts: list[int], key: str, ask_timeout_s: f
             # after a failure, wait as long as Ray takes to declare a silent node dead (its health
             # checks: period x failure threshold, 15 s by default) before counting the nodes again;
             # otherwise a dead node is counted and the restart waits out Ray's 60 s start timeout
-            self.was_running, self.failed_at, self.settle_s = False, float("-inf"), node_death_detection_s()
+            self.was_running, self.failed_at = False, float("-inf")
+            self.settle_s = node_death_detection_s() if settle_s is None else settle_s
 
         def _count_possible_workers(self, reserved_resources) -> int:
             # Ray's autoscaling coordinator refreshes its view of the nodes every 20 s: a node that

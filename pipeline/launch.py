@@ -174,7 +174,7 @@ def make_trainer(cfg: Config, task: TrainTask):
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             if self.scaling_config.elasticity_enabled:     # Ray's elastic policy, on batch-splitting counts
                 controller_init_kwargs["scaling_policy"] = elastic.make_policy(
-                    self.scaling_config, counts=counts, key=task.grow_key, say=task.say)
+                    self.scaling_config, counts=counts, key=task.grow_key, settle_s=s.restart_settle_s, say=task.say)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     if s.min_workers:

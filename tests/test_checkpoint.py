@@ -49,3 +49,36 @@ def test_a_resumed_attempt_clears_the_saves_it_will_redo(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_00000002", "checkpoint_00000004",
                                                      "checkpoint_manager_snapshot.json"]
     assert clear_unfinished_saves(str(tmp_path), "new_run", after_step=0, timeout_s=0) == [] and not said
+
+
+def test_universal_conversion_from_a_training_process_with_busy_threads(tmp_path):
+    """The reshard's conversion from a process whose torch CPU thread pool has run (every training
+    worker's): DeepSpeed's converter forks its pools, and such a fork hung in OpenMP's barrier when
+    the converter ran inside the worker. It runs as a process of its own now; the universal files
+    hold exactly the values of a synthetic 4-rank ZeRO-3 checkpoint in DeepSpeed's real format."""
+    import sys
+    import threading
+
+    import torch
+
+    from helpers import ROOT
+    from pipeline.checkpoint import to_universal
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from universal_conversion import Layout, train_config, verify_universal, write_checkpoint
+
+    torch.set_num_threads(2)
+    a = torch.randn(1024, 1024)
+    for _ in range(4):
+        a = torch.tanh(a @ a.T / 1024)                         # the intra-op pool has run
+    cfg = train_config("coatnet_pico", 4)
+    layout = Layout("coatnet_pico", 4, cfg)
+    write_checkpoint(str(tmp_path / "ck"), layout, cfg, say=lambda *_: None)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(to_universal(str(tmp_path / "ck"), str(tmp_path / "u"),
+                                                                      workers=2)), daemon=True)
+    worker.start()
+    worker.join(timeout=240)
+    assert done, "the conversion did not finish in 240 s"
+    assert verify_universal(done[0], layout) == 3 * len(layout.names())
+    assert not (tmp_path / "u" / "input").exists()              # the view of the save's ranks is gone
