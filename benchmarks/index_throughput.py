@@ -15,7 +15,6 @@ same; the wall rate then also depends on the bandwidth per task (`--ray`: one ta
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import sys

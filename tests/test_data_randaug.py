@@ -15,7 +15,7 @@ from scipy.stats import chi2_contingency
 from torchvision.transforms import v2
 
 from pipeline.data import AugmentConfig
-from pipeline.data.randaug import REFERENCE_OPS, BatchRandAugment, RandAugment, apply_draws, apply_op, cutout
+from pipeline.data.randaug import BatchRandAugment, RandAugment, apply_draws, apply_op, cutout
 from pipeline.data.transforms import crop_transform
 
 # ---------------------------------------------------------------------------------------------
