@@ -165,9 +165,10 @@ def solarize_add(image, addition: int, threshold: int = SOLARIZE_ADD_THRESHOLD):
     return torch.where(image < threshold, added, image)
 
 
-def cutout(image, half: int, centers: Sequence[tuple[int, int]]):
+def cutout(image, half: int, centers: Sequence[tuple[int, int]] | torch.Tensor):
     """A (2*half)-sided square around each image's centre, clipped at the borders, set to 128
-    (the reference: rows max(0, cy - half) .. min(H, cy + half))."""
+    (the reference: rows max(0, cy - half) .. min(H, cy + half)). ``centers``: (row, column) per
+    image, a list or a long tensor [n, 2] on the image's device."""
     if _is_pil(image):
         from PIL import ImageDraw
 
@@ -180,7 +181,8 @@ def cutout(image, half: int, centers: Sequence[tuple[int, int]]):
                 ImageDraw.Draw(image).rectangle(box, fill=(FILL,) * len(image.getbands()))
         return image
     h, w = image.shape[-2:]
-    c = torch.tensor(centers, device=image.device).view(-1, 2, 1)
+    # centres as a tensor already on the device (the batched path) or (row, column) pairs
+    c = (centers if isinstance(centers, torch.Tensor) else torch.tensor(centers, device=image.device)).view(-1, 2, 1)
     ys = torch.arange(h, device=image.device)
     xs = torch.arange(w, device=image.device)
     in_y = (ys >= c[:, 0] - half) & (ys < c[:, 0] + half)             # [n, H]
@@ -223,7 +225,13 @@ class BatchRandAugment:
     """The same RandAugment on a uint8 batch [B, 3, H, W] on its device, an independent draw per
     image from a CPU generator; per round each (op, signed value) group runs once on the images
     that drew it (Cutout: one masked fill for all its images), so a round costs at most
-    len(ops) + 5 kernel calls (the signed ops have two values) whatever the batch size."""
+    len(ops) + 5 kernel calls (the signed ops have two values) whatever the batch size.
+
+    Host to device: ONE small copy per batch (``plan``: every round's rows, grouped, with their
+    Cutout centres; pinned and non-blocking on CUDA); a group's rows are a slice of it, so no
+    tensor is built per group and nothing waits for the device. (torchvision's own kernels still
+    make a few: the affine matrix and fill of Rotate/Shear/Translate, Sharpness's kernel,
+    AutoContrast's masked assignment; benchmarks/device_pipeline.py counts them on a GPU.)"""
 
     def __init__(self, num_ops: int, magnitude: float, ops: Sequence[str] = REFERENCE_OPS) -> None:
         self.num_ops, self.magnitude, self.ops = num_ops, float(magnitude), check_ops(ops)
@@ -231,19 +239,46 @@ class BatchRandAugment:
     def sample(self, batch_size: int, height: int, width: int, generator: torch.Generator) -> list[list[Draw]]:
         return sample_draws(self.ops, self.num_ops, self.magnitude, batch_size, height, width, generator)
 
-    def apply(self, images: torch.Tensor, draws: list[list[Draw]]) -> torch.Tensor:
-        out = images.clone()
+    def plan(self, draws: list[list[Draw]]) -> tuple[list[list[tuple[str, float, int, int]]], torch.Tensor]:
+        """Per round its groups ``(op, value, start, end)`` and one CPU long tensor [rounds, B, 3]:
+        per round the batch's rows, group after group (each group's rows ascending), with each
+        row's Cutout centre (row, column; 0 for other ops). Built on the host from Python values
+        in one ``torch.tensor`` call."""
+        spans: list[list[tuple[str, float, int, int]]] = []
+        table: list[tuple[int, int, int]] = []
         for round_ in range(self.num_ops):
             groups: dict[tuple[str, float], list[int]] = defaultdict(list)
             for row, ops in enumerate(draws):
                 groups[(ops[round_].op, ops[round_].value)].append(row)
+            start, mine = len(table) - round_ * len(draws), []
             for (name, value), rows in groups.items():
-                index = torch.tensor(rows, device=out.device)
+                mine.append((name, value, start, start + len(rows)))
+                start += len(rows)
+                table.extend((r, *(draws[r][round_].center or (0, 0))) for r in rows)
+            spans.append(mine)
+        return spans, torch.tensor(table, dtype=torch.long).view(self.num_ops, len(draws), 3)
+
+    def apply(self, images: torch.Tensor, draws: list[list[Draw]]) -> torch.Tensor:
+        out = images.clone()
+        if not len(images):
+            return out
+        spans, table = self.plan(draws)
+        if out.device.type == "cuda":          # pinned + non_blocking: the host does not wait
+            table = table.pin_memory()
+        table = table.to(out.device, non_blocking=True)
+        for round_, groups in enumerate(spans):
+            for name, value, start, end in groups:
+                whole = end - start == len(out)       # one group: its rows are 0..B-1 in order
+                rows = table[round_, start:end]
+                part = out if whole else out[rows[:, 0]]
                 if name == "Cutout":
-                    centers = [draws[r][round_].center for r in rows]
-                    out[index] = cutout(out[index], int(value), centers)
+                    part = cutout(part, int(value), rows[:, 1:])
                 else:
-                    out[index] = apply_op(out[index], name, value)
+                    part = apply_op(part, name, value)
+                if whole:
+                    out = part
+                else:
+                    out[rows[:, 0]] = part
         return out
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
