@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torchvision.transforms import v2
 
+from pipeline.data.devicedecode import DecodeStats
 from pipeline.data.randaug import REFERENCE_OPS, BatchRandAugment, RandAugment, check_ops
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class DeviceBatchTransform:
         self.num_classes = num_classes
         self.label_type = label_type
         self.train = train
+        self.decode_stats = DecodeStats()      # decode="device" batches: JPEGs decoded here, refused
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._mixer = batch_mixer(augment) if train else None
         self._randaug = (BatchRandAugment(augment.randaug_n, augment.randaug_m, augment.randaug_ops)
@@ -165,8 +167,10 @@ class DeviceBatchTransform:
 
     def __call__(self, batch: "Batch", device: torch.device | str = "cpu",
                  non_blocking: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, targets) of a loader batch on ``device``, seeded by ``batch.seed``."""
-        images = batch.images.to(device, non_blocking=non_blocking)
+        """(images, targets) of a loader batch on ``device``, seeded by ``batch.seed``; its JPEGs
+        decoded there first when the loader left them encoded (``decode="device"``)."""
+        images = (batch.decoded_images(device, non_blocking, self.decode_stats) if batch.encoded is not None
+                  else batch.images.to(device, non_blocking=non_blocking))
         if batch.targets is not None:           # made by the loader (output="float")
             return images, batch.targets.to(device, non_blocking=non_blocking)
         return self.apply(images, batch.labels.to(device, non_blocking=non_blocking), batch.seed)
