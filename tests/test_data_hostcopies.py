@@ -21,7 +21,8 @@ import torchvision
 from torch.overrides import TorchFunctionMode
 
 import pipeline
-from pipeline.data.randaug import REFERENCE_OPS, BatchRandAugment, apply_op, cutout
+from pipeline.data.randaug import (REFERENCE_OPS, SIGNED, BatchRandAugment, DeviceKernels, apply_op, cutout,
+                                   op_value)
 from pipeline.data.transforms import AugmentConfig, DeviceBatchTransform, normalize
 
 PIPELINE_DIR = os.path.dirname(pipeline.__file__)
@@ -74,6 +75,23 @@ def test_batched_randaugment_digest_recorded_before_the_change():
     assert h.hexdigest() == "c88d6aeed843ca2ac37c6655481b55843f8cf035ef83766eb2264b0735346997"
 
 
+@pytest.mark.parametrize("size", [(16, 16), (13, 21)], ids=["square", "oblong"])
+def test_device_kernels_equal_v2s_kernels(size):
+    """DeviceKernels (no host values per call) against apply_op (v2's kernels), bit for bit, for
+    the ops it replaces at every level's value, both signs; twice (the second from its cache)."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, *size), dtype=torch.uint8, generator=g)
+    images[0, 1] = 77                         # a flat channel: AutoContrast's degenerate case
+    kernels = DeviceKernels()
+    for op in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Sharpness", "AutoContrast"):
+        for level in (0, 3, 10, 15, 30):
+            for sign in (1, -1) if op in SIGNED else (1,):
+                value = sign * op_value(op, level)
+                for _ in range(2):
+                    assert torch.equal(kernels(images, op, value), apply_op(images, op, value)), (op, value)
+    assert torch.equal(kernels(images[:1], "Rotate", 12.0), apply_op(images[:1], "Rotate", 12.0))
+
+
 def test_normalising_with_cached_constants_equals_v2_normalize():
     cfg = AugmentConfig()
     images = torch.randint(0, 256, (5, 3, 9, 11), dtype=torch.uint8)
@@ -115,21 +133,25 @@ class HostTraffic(TorchFunctionMode):
 def test_the_hot_path_builds_one_host_tensor_per_batch(batch, ops):
     """DeviceBatchTransform.apply (RandAugment 2 rounds, normalise, smoothing, MixUp): the pipeline's
     own code builds exactly one tensor from Python values (BatchRandAugment's plan) whatever the
-    batch size or the number of (op, value) groups, and reads back only its CPU generator's draws.
-    Before issue 23 it built one per group plus one per Cutout group (up to 2 x 22 per batch) and
-    two in Normalize."""
+    batch size or the number of (op, value) groups, torchvision's kernels none (DeviceKernels), and
+    only the CPU generator's draws are read back. Before issue 23: one per group plus one per
+    Cutout group (up to 2 x 22 per batch), two in Normalize, and 2-3 in each geometric and
+    Sharpness group's v2 kernel."""
     cfg = AugmentConfig(randaug_device=True, randaug_ops=ops, mixup_alpha=0.8)
     tf = DeviceBatchTransform(cfg, 10, "single")
     images = torch.randint(0, 256, (batch, 3, 16, 16), dtype=torch.uint8)
     labels = torch.randint(0, 10, (batch,))
-    tf.apply(images, labels, 0)              # warm: constants made once per device
+    tf.apply(images, labels, 0)              # warm: constants made once per device ...
+    for op in set(ops) - {"Cutout"}:         # ... and each (op, value)'s grid or kernel
+        for sign in (1, -1) if op in SIGNED else (1,):
+            tf._randaug.kernels(images, op, sign * op_value(op, 15))
     groups = {len(BatchRandAugment(2, 15, ops).plan(
         BatchRandAugment(2, 15, ops).sample(batch, 16, 16, torch.Generator().manual_seed(s)))[0][0]) for s in (1, 2)}
     assert max(groups) > 1                   # several groups per round: the old code built several
     for seed in (1, 2):
         with HostTraffic() as traffic:
             tf.apply(images, labels, seed)
-        assert traffic.built["pipeline"] == 1, traffic.built
+        assert traffic.built == {"pipeline": 1}, traffic.built       # none in torchvision's kernels
         assert traffic.reads == [], traffic.reads
 
 
@@ -142,22 +164,25 @@ def test_without_randaugment_nothing_is_built_from_host_values():
     assert traffic.built["pipeline"] == 0 and traffic.reads == []
 
 
-SYNC_FREE_OPS = ("Invert", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness", "Cutout")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode")
-def test_on_cuda_the_transform_does_not_sync_the_host():
-    """On a GPU: RandAugment with the ops whose torchvision kernels make no host copy, normalise,
-    smoothing and MixUp, under sync debug mode "error" (any synchronising call raises)."""
-    cfg = AugmentConfig(randaug_device=True, randaug_ops=SYNC_FREE_OPS, mixup_alpha=0.8)
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_on_cuda_the_transform_does_not_sync_the_host(mix):
+    """On a GPU: RandAugment 2/15 over the 16 ops, normalise, smoothing and MixUp / CutMix under
+    sync debug mode "error" (any synchronising call raises), once every (op, value)'s constants
+    are on the device."""
+    cfg = AugmentConfig(randaug_device=True, mixup_alpha=0.8 if mix == "mixup" else 0.0,
+                        cutmix_alpha=1.0 if mix == "cutmix" else 0.0)
     tf = DeviceBatchTransform(cfg, 10, "single")
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device="cuda")
     labels = torch.randint(0, 10, (32,), device="cuda")
     tf.apply(images, labels, 0)
+    for op in set(REFERENCE_OPS) - {"Cutout"}:
+        for sign in (1, -1) if op in SIGNED else (1,):
+            tf._randaug.kernels(images, op, sign * op_value(op, 15))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for seed in range(1, 4):
+        for seed in range(1, 6):
             tf.apply(images, labels, seed)
     finally:
         torch.cuda.set_sync_debug_mode("default")
