@@ -131,7 +131,8 @@ def short(sites: Counter, n: int = 4) -> str:
 # 1. the batch transform
 # ---------------------------------------------------------------------------------------------
 
-def transform_rows(device: torch.device, batch: int, size: int, repeats: int, per_op: bool) -> list[str]:
+def transform_rows(device: torch.device, batch: int, size: int, repeats: int, per_op: bool,
+                   measured: dict[tuple[str, str], float]) -> list[str]:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
@@ -145,6 +146,7 @@ def transform_rows(device: torch.device, batch: int, size: int, repeats: int, pe
         tf = DeviceBatchTransform(cfg, 1000, "single")
         seconds = timed(lambda s: tf.apply(images, labels, s), device, repeats if not per_op else 3)
         count, sites = host_syncs(lambda: tf.apply(images, labels, 7), device)
+        measured[(device.type, name)] = seconds
         rows.append(f"| {device.type} | {name} | {seconds * 1e3:.2f} | {seconds / batch * 1e6:.1f} | "
                     f"{count} | {short(sites)} |")
     return rows
@@ -198,7 +200,8 @@ def worker_path(files: list[bytes], size: int, seed: int) -> torch.Tensor:
         return torch.stack([transform(decode_rgb8(f)) for f in files])
 
 
-def decode_rows_table(device: torch.device, files: list[bytes], size: int, repeats: int) -> list[str]:
+def decode_rows_table(device: torch.device, files: list[bytes], size: int, repeats: int,
+                      measured: dict[tuple[str, str], float]) -> list[str]:
     encoded = encoded_batch(files, size, seed=3)
     empty = torch.empty(0, 3, size, size, dtype=torch.uint8)
     seconds = timed(lambda _: decode_rows(empty, encoded, device), device, repeats)
@@ -206,6 +209,7 @@ def decode_rows_table(device: torch.device, files: list[bytes], size: int, repea
     views = [encoded.data[a:b] for a, b in zip(encoded.offsets[:-1], encoded.offsets[1:])]
     decode_only = timed(lambda _: decode_jpeg(views, mode=ImageReadMode.RGB, device=device), device, repeats)
     count, sites = host_syncs(lambda: decode_rows(empty, encoded, device), device)
+    measured[(device.type, "decode")] = seconds
     got = decode_rows(empty, encoded, device).cpu().int()
     want = worker_path(files, size, seed=3).int()
     diff = (got - want).abs()
@@ -219,7 +223,8 @@ def decode_rows_table(device: torch.device, files: list[bytes], size: int, repea
 # 3. the loader's CPU per image, 4. a plain train step
 # ---------------------------------------------------------------------------------------------
 
-def loader_table(files: list[bytes], size: int, batch: int, rounds: int, gpu_rate: float, rate_source: str) -> list[str]:
+def loader_table(files: list[bytes], size: int, batch: int, rounds: int, gpu_rates: dict[str, float],
+                 rate_source: str) -> list[str]:
     import shutil
     import tempfile
 
@@ -246,16 +251,20 @@ def loader_table(files: list[bytes], size: int, batch: int, rounds: int, gpu_rat
                 "torchvision.io": 1e3 / cpu_ms_per_item(tv_decode, files, rounds)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    def cores(per_core: float) -> str:
+        return ", ".join(f"{m}: {math.ceil(r / per_core)}" for m, r in gpu_rates.items())
+
     rows = []
     for decode, rate in rates.items():
         label = ("decode in the worker (decode, crop, flip)" if decode == "worker"
                  else "decode on the device (bytes only: read, parse, header, draw)")
         rows.append(f"| {label} | {rate.per_core:.0f} | {rate.per_worker_core:.0f} | {1e3 / rate.per_core:.3f} | "
-                    f"{rate.per_core / bare['PIL']:.2f}x | {math.ceil(gpu_rate / rate.per_core)} |")
+                    f"{rate.per_core / bare['PIL']:.2f}x | {cores(rate.per_core)} |")
     for name, value in bare.items():
         rows.append(f"| bare decode, {name} (one process, no loader) | {value:.0f} | | {1e3 / value:.3f} | "
-                    f"{value / bare['PIL']:.2f}x | {math.ceil(gpu_rate / value)} |")
-    rows.append(f"\nLoader cores per GPU at {gpu_rate:.0f} img/s ({rate_source}).")
+                    f"{value / bare['PIL']:.2f}x | {cores(value)} |")
+    rates_text = ", ".join(f"{m} {r:.0f} img/s" for m, r in gpu_rates.items())
+    rows.append(f"\nLoader cores per GPU = ceil(GPU img/s / loader img/s per core), GPU: {rates_text} ({rate_source}).")
     return rows
 
 
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader", action="store_true", help="the loader's CPU per image, worker vs device decode")
     p.add_argument("--loader-images", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--model", default=None, help="measure a plain bf16 train step of this model on CUDA")
+    p.add_argument("--model", nargs="*", default=[], help="measure a plain bf16 train step of these models on CUDA")
     p.add_argument("--gpu-rate", type=float, default=1500.0, help="img/s per GPU when --model is not measured")
     p.add_argument("--append-results", action="store_true")
     p.add_argument("--max-load", type=float, default=0.5, help="--append-results refuses above this load")
@@ -314,31 +323,46 @@ def main(argv: list[str] | None = None) -> int:
         return lines + [""]
 
     rates: dict[str, float] = {}
+    measured: dict[tuple[str, str], float] = {}
     if args.model and cuda is not None:
         def step_rows():
-            rates["step"] = step_rate(args.model, cuda, args.batch, args.img_size, args.repeats)
-            return [f"| {args.model} | {args.batch} | {args.batch / rates['step'] * 1e3:.1f} | {rates['step']:.0f} |"]
-        out += section(f"Plain bf16 train step ({name})", "| model | batch | ms/step | img/s |", step_rows)
+            rows = []
+            for model in args.model:
+                rates[model] = step_rate(model, cuda, args.batch, args.img_size, args.repeats)
+                rows.append(f"| {model} | {args.batch} | {args.batch / rates[model] * 1e3:.1f} | {rates[model]:.0f} |")
+                torch.cuda.empty_cache()
+            return rows
+        out += section(f"Plain bf16 train step, eager ({name}): the step time the transform's share is of",
+                       "| model | batch | ms/step | img/s |", step_rows)
     if "transform" in args.sections:
         out += section("DeviceBatchTransform.apply (uint8 batch already on the device)",
-                       "| device | transform | ms/batch | us/img | host syncs/batch | where |",
+                       "| device | transform | ms/batch | us/img | host syncs per batch (cuda) / tensors built from host values (cpu) | where |",
                        lambda: [r for d in devices for r in transform_rows(d, args.batch, args.img_size,
-                                                                            args.repeats, args.per_op)])
+                                                                            args.repeats, args.per_op, measured)])
     if "decode" in args.sections:
         files = photographs(args.batch)
         out += section("decode='device': decode_rows on ~500x375 JPEG q90 (decode, crop, resize, flip)",
                        "| device | images | ms/batch | us/img | of it decode_jpeg us/img | host syncs | "
                        "max diff vs worker path | mean abs diff | pixels off by > 2 |",
-                       lambda: [r for d in devices for r in decode_rows_table(d, files, args.img_size, args.repeats)])
+                       lambda: [r for d in devices for r in decode_rows_table(d, files, args.img_size, args.repeats,
+                                                                              measured)])
     if args.loader:
-        gpu_rate = rates.get("step", args.gpu_rate)
-        source = f"{args.model} plain bf16 step measured on {name}" if "step" in rates else "ASSUMED, --gpu-rate"
+        gpu_rates = rates or {"assumed": args.gpu_rate}
+        source = f"plain bf16 steps measured on {name}" if rates else "ASSUMED, --gpu-rate"
         out += section("Loader CPU per image, one DataLoader worker, uint8 out + RandAugment on the device",
                        "| loader | img/s per core | worker-only img/s per core | CPU ms/img | / bare PIL | "
                        "loader cores per GPU |",
                        lambda: loader_table(photographs(args.loader_images, seed=1), args.img_size, 64,
-                                            args.rounds, gpu_rate, source))
+                                            args.rounds, gpu_rates, source))
 
+    shares = [f"- {what} on cuda: {measured[('cuda', what)] * 1e3:.2f} ms per batch of {args.batch} = "
+              f"{measured[('cuda', what)] * rates[m] / args.batch:.1%} of {m}'s step"
+              for what in ("+ batched RandAugment 2/15 (16 ops)", "decode") if ("cuda", what) in measured
+              for m in rates]
+    if shares:
+        shares = ["Share of the plain step (goal: the transform under 3% of coatnet_0's at batch 256):", *shares]
+        print("\n".join(shares))
+        out += shares
     if args.append_results:
         load = os.getloadavg()[0]
         if load > args.max_load:
