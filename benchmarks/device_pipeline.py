@@ -15,8 +15,11 @@ Sections (each prints a table; one that fails prints its error and the others st
    op's torchvision kernel syncs.
 2. decode - ``decode="device"``'s batch decode (``devicedecode.decode_rows``: ``decode_jpeg(list,
    device=...)``, then crop, resize and flip per image) on real photographs with the boxes the
-   loader draws: ms per batch, us per image, syncs, and the difference from the worker path's
-   crops (CPU libjpeg-turbo + the same resize): 0 on the CPU, nvjpeg's rounding on CUDA.
+   loader draws: ms per batch, us per image, the CPU it takes in the TRAINING process (nvjpeg
+   can Huffman-decode on the host: that CPU moves from the loader to the trainer rather than
+   vanishing - add it to the loader's per image for the moonshot), syncs, and the difference
+   from the worker path's crops (CPU libjpeg-turbo + the same resize): 0 on the CPU, nvjpeg's
+   rounding on CUDA.
 3. loader (``--loader``; needs pyarrow, webdataset) - the loader's CPU per image, one DataLoader
    worker, uint8 out + RandAugment on the device: ``decode="worker"`` (decode, crop, flip in the
    worker) vs ``decode="device"`` (bytes only: read, parse, header, draw), against bare JPEG
@@ -205,6 +208,11 @@ def decode_rows_table(device: torch.device, files: list[bytes], size: int, repea
     encoded = encoded_batch(files, size, seed=3)
     empty = torch.empty(0, 3, size, size, dtype=torch.uint8)
     seconds = timed(lambda _: decode_rows(empty, encoded, device), device, repeats)
+    cpu0 = time.process_time()      # the host's share (nvjpeg may Huffman-decode on the CPU)
+    for _ in range(repeats):
+        decode_rows(empty, encoded, device)
+    sync(device)
+    host_ms = (time.process_time() - cpu0) / repeats / len(files) * 1e3
     from torchvision.io import ImageReadMode, decode_jpeg
     views = [encoded.data[a:b] for a, b in zip(encoded.offsets[:-1], encoded.offsets[1:])]
     decode_only = timed(lambda _: decode_jpeg(views, mode=ImageReadMode.RGB, device=device), device, repeats)
@@ -215,6 +223,7 @@ def decode_rows_table(device: torch.device, files: list[bytes], size: int, repea
     diff = (got - want).abs()
     n = len(files)
     return [f"| {device.type} | {n} | {seconds * 1e3:.1f} | {seconds / n * 1e6:.0f} | {decode_only / n * 1e6:.0f} | "
+            f"{host_ms:.3f} | "
             f"{count} ({short(sites, 2)}) | {diff.max().item()} | {diff.float().mean().item():.3f} | "
             f"{(diff > 2).float().mean().item():.2%} |"]
 
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sections", nargs="+", default=["transform", "decode"], choices=["transform", "decode"])
+    p.add_argument("--sections", nargs="*", default=["transform", "decode"], choices=["transform", "decode"])
     p.add_argument("--per-op", action="store_true", help="the transform's syncs per RandAugment op")
     p.add_argument("--loader", action="store_true", help="the loader's CPU per image, worker vs device decode")
     p.add_argument("--loader-images", type=int, default=512)
@@ -342,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if "decode" in args.sections:
         files = photographs(args.batch)
         out += section("decode='device': decode_rows on ~500x375 JPEG q90 (decode, crop, resize, flip)",
-                       "| device | images | ms/batch | us/img | of it decode_jpeg us/img | host syncs | "
+                       "| device | images | ms/batch | us/img | of it decode_jpeg us/img | trainer-process CPU ms/img | "
+                       "host syncs | "
                        "max diff vs worker path | mean abs diff | pixels off by > 2 |",
                        lambda: [r for d in devices for r in decode_rows_table(d, files, args.img_size, args.repeats,
                                                                               measured)])
