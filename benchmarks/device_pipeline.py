@@ -30,7 +30,7 @@ Sections (each prints a table; one that fails prints its error and the others st
    transform under 3% of coatnet_0's step at batch 256).
 
     python benchmarks/device_pipeline.py --devices cpu --batch 64 --img-size 224 --loader
-    python benchmarks/device_pipeline.py --devices cpu cuda --batch 256 --model coatnet_0 --loader
+    python benchmarks/device_pipeline.py --devices cuda --batch 256 --model coatnet_0 coatnet_3:128 --loader
 
 Timings belong in RESULTS.md only from an idle machine: ``--append-results`` writes nothing when
 the 1-minute load average is above ``--max-load`` (0.5).
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader", action="store_true", help="the loader's CPU per image, worker vs device decode")
     p.add_argument("--loader-images", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--model", nargs="*", default=[], help="measure a plain bf16 train step of these models on CUDA")
+    p.add_argument("--model", nargs="*", default=[],
+                   help="NAME[:BATCH]: measure a plain bf16 train step of these models on CUDA (batch: --batch)")
     p.add_argument("--gpu-rate", type=float, default=1500.0, help="img/s per GPU when --model is not measured")
     p.add_argument("--append-results", action="store_true")
     p.add_argument("--max-load", type=float, default=0.5, help="--append-results refuses above this load")
@@ -336,9 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and cuda is not None:
         def step_rows():
             rows = []
-            for model in args.model:
-                rates[model] = step_rate(model, cuda, args.batch, args.img_size, args.repeats)
-                rows.append(f"| {model} | {args.batch} | {args.batch / rates[model] * 1e3:.1f} | {rates[model]:.0f} |")
+            for spec in args.model:              # NAME or NAME:BATCH
+                model, _, batch = spec.partition(":")
+                batch = int(batch or args.batch)
+                try:
+                    rates[model] = step_rate(model, cuda, batch, args.img_size, args.repeats)
+                    rows.append(f"| {model} | {batch} | {batch / rates[model] * 1e3:.1f} | {rates[model]:.0f} |")
+                except torch.OutOfMemoryError:
+                    rows.append(f"| {model} | {batch} | out of memory | |")
                 torch.cuda.empty_cache()
             return rows
         out += section(f"Plain bf16 train step, eager ({name}): the step time the transform's share is of",
