@@ -156,3 +156,19 @@ def test_invalid_combinations_are_refused(mixed):
                             (gpu + ["data.decode_device=tpu"], "decode_device")]:
         with pytest.raises(ConfigError, match=what):
             load_config(None, overrides)
+
+
+def test_a_mixture_of_sources_decodes_on_the_device_too(mixed):
+    """What the trainer builds for data.sources with data.decode_device=cuda (here on the CPU)."""
+    from pipeline.data.mixture import MixedLoader, Source
+
+    def first_batches(decode: str) -> list:
+        loader = MixedLoader([Source("a", mixed, 0.5), Source("b", mixed, 0.5)], train=True, batch_size=8,
+                             img_size=16, num_workers=0, augment=AUG, seed=5, max_skip_fraction=0.2,
+                             output="uint8", decode=decode)
+        tf = loader.batch_transform()
+        it = iter(loader)
+        return [tf(next(it), "cpu") for _ in range(4)]
+
+    for (wi, wt), (di, dt) in zip(first_batches("worker"), first_batches("device")):
+        assert torch.equal(di, wi) and torch.equal(dt, wt)
