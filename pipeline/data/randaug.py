@@ -236,6 +236,9 @@ class DeviceKernels:
     def __init__(self) -> None:
         self._cache: dict[tuple, torch.Tensor] = {}
 
+    def __getstate__(self) -> dict:
+        return {"_cache": {}}               # device tensors stay where they were made
+
     def __call__(self, image: torch.Tensor, op: str, value: float) -> torch.Tensor:
         if op in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"):
             grid = self._grid(image, op, value)
