@@ -85,6 +85,9 @@ class DataConfig(Section):
     seed: int = 0
     samples_per_epoch: int | None = None  # None: finite epochs (every sample once)
     augment: AugmentConfig = AugmentConfig()   # pipeline.data's own dataclass, validated here
+    # where training JPEGs are decoded: "cpu" in the loader workers; "cuda" on the training GPU
+    # (workers only read shards and draw the crops; non-JPEG images still decoded in the workers)
+    decode_device: Literal["cpu", "cuda"] = "cpu"
 
     @property
     def train_url(self) -> str:
@@ -211,6 +214,17 @@ class Config(Section):
     storage: StorageConfig = StorageConfig()
     init: InitConfig = InitConfig()
     description: str = ""
+
+    @model_validator(mode="after")
+    def _decode(self) -> Config:
+        a = self.data.augment
+        if self.data.decode_device == "cuda":
+            if not self.scaling.use_gpu:
+                raise ValueError("data.decode_device=cuda needs scaling.use_gpu=true")
+            if a.randaug_n > 0 and not a.randaug_device:
+                raise ValueError("data.decode_device=cuda needs data.augment.randaug_device=true (or randaug_n=0): "
+                                 "the loader workers no longer have the pixels")
+        return self
 
     @model_validator(mode="after")
     def _batch(self) -> Config:

@@ -274,11 +274,14 @@ def train_loop_per_worker(task: TrainTask) -> None:
     common = dict(rank=rank, world_size=world, batch_size=t.micro_batch, img_size=cfg.model.img_size,
                   seed=cfg.data.seed, num_workers=cfg.data.loader_workers, augment=cfg.data.augment,
                   pin_memory=cfg.scaling.use_gpu, output="uint8")
+    # data.decode_device=cuda: the workers hand over the JPEG bytes and the crops they drew;
+    # to_device decodes them on this GPU (nvjpeg) before the transform
+    decode = "device" if cfg.data.decode_device == "cuda" else "worker"
     if cfg.data.sources:
         train_loader = MixedLoader([Source(name, url, weight) for name, url, weight in cfg.data.train_sources()],
-                                   train=True, **common)
+                                   train=True, decode=decode, **common)
     else:
-        train_loader = StreamingLoader(cfg.data.train_url, train=True,
+        train_loader = StreamingLoader(cfg.data.train_url, train=True, decode=decode,
                                        samples_per_epoch=cfg.data.samples_per_epoch, **common)
     val_loader = (StreamingLoader(cfg.data.val_url, train=False, **common)
                   if cfg.data.val_url else None)

@@ -39,11 +39,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.cropdecode import CropDecoder
+from pipeline.data.devicedecode import CropDrawer, DecodeStats, EncodedImages, decode_rows
 from pipeline.data.index import ShardIndex
 from pipeline.data.plan import (EpochSequence, Generation, PlanConfig, StreamPlan, batch_seed, batch_transform_seed,
                                 plan_epoch, rank_batch_sizes, read_order, shuffle_rng)
 from pipeline.data.reader import (DEFAULT_MAX_PIXELS, BadSample, RawSample, SkippedSample, StreamReader, decode_sample,
-                                  parse_labels)
+                                  image_entry, parse_labels)
 from pipeline.data.storage import DataError, register_webdataset_handlers
 from pipeline.data.transforms import AugmentConfig, DeviceBatchTransform, crop_transform
 from pipeline.redact import redact
@@ -60,7 +61,8 @@ _MAX_SKIP_RECORDS = 1000
 
 @dataclass
 class Batch:
-    images: torch.Tensor            # float [B, 3, H, W] normalised | uint8 (output="uint8")
+    images: torch.Tensor            # float [B, 3, H, W] normalised | uint8 (output="uint8"); with
+                                    # ``encoded``: only the rows the worker decoded, in batch order
     labels: torch.Tensor            # long [B] (single-label) | float [B, C] multi-hot
     targets: torch.Tensor | None    # float [B, C]: smoothed, mixed (train); one/multi-hot (eval);
                                     # None for output="uint8" (DeviceBatchTransform makes them)
@@ -71,13 +73,20 @@ class Batch:
     skipped: list[SkippedSample] = field(default_factory=list)   # since the stream's last batch
     retries: int = 0                # storage retries since the stream's last batch
     seed: int = 0                   # seeds the per-batch randomness (DeviceBatchTransform)
+    encoded: EncodedImages | None = None   # decode="device": JPEGs to decode on the device
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def decoded_images(self, device: torch.device | str, non_blocking: bool = False,
+                       stats: DecodeStats | None = None) -> torch.Tensor:
+        """All of the batch's images on ``device`` (the ``encoded`` ones decoded there)."""
+        return decode_rows(self.images, self.encoded, device, self.keys, stats, non_blocking)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch on ``device``, its encoded images decoded there."""
         targets = None if self.targets is None else self.targets.to(device, non_blocking=non_blocking)
-        return replace(self, images=self.images.to(device, non_blocking=non_blocking),
+        return replace(self, images=self.decoded_images(device, non_blocking), encoded=None,
                        labels=self.labels.to(device, non_blocking=non_blocking), targets=targets)
 
     def pin_memory(self) -> Batch:   # called by DataLoader(pin_memory=True)
@@ -119,6 +128,7 @@ class _StreamJob:
     max_pixels: int
     output: Literal["float", "uint8"] = "float"
     crop_decode: bool = False
+    decode: Literal["worker", "device"] = "worker"
     label_key: str | None = None                  # existing shards: how labels are read (index)
     class_index: dict[str, int] | None = None     # class name -> index, for such labels
 
@@ -151,6 +161,19 @@ def _sample_tensor(item: RawSample, job: _StreamJob, transform: Any,
     return out, label
 
 
+def _deferred(item: RawSample, job: _StreamJob, drawer: CropDrawer
+              ) -> tuple[bytes, tuple[int, int, int, int, bool], int | list[int]] | None:
+    """decode="device": (JPEG bytes, drawn box and flip, label) of a sample the device decodes;
+    None: decode it here. The label first, as ``decode_sample`` does: a sample skipped for its
+    label draws nothing, on either path."""
+    data = image_entry(item.files)
+    if data is None:
+        return None
+    label = parse_labels(item.files, job.label_type, job.num_classes, job.label_key, job.class_index)
+    box = drawer(data)
+    return None if box is None else (data, box, label)
+
+
 def _stack(images: list[torch.Tensor], img_size: int) -> torch.Tensor:
     """uint8 [B, 3, img_size, img_size]; in a DataLoader worker, stacked straight into shared
     memory (as torch's default collate does), so handing it over copies nothing more."""
@@ -176,12 +199,15 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
     transform = crop_transform(job.augment, job.img_size, job.train)
     crop_decoder = (CropDecoder(job.augment, job.img_size, job.max_pixels)
                     if job.train and job.crop_decode else None)
+    drawer = (CropDrawer(job.img_size, job.augment.crop_scale, job.augment.crop_ratio, job.augment.hflip,
+                         job.max_pixels) if job.decode == "device" else None)
     per_batch = DeviceBatchTransform(job.augment, job.num_classes, job.label_type,  # type: ignore[arg-type]
                                      train=job.train)
     retries_reported = 0
 
     for size, batch_index in zip(plan.batch_sizes[done:], plan.batch_indices[done:]):
         images, labels, keys, skipped = [], [], [], []
+        files, rows, boxes = [], [], []        # decode="device": what the device decodes
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch_seed(cfg, job.epoch, batch_index, job.generation))
             for p in itertools.islice(positions, size):
@@ -193,11 +219,19 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                     skipped.append(item)
                     continue
                 try:
-                    image, label = _sample_tensor(item, job, transform, crop_decoder)
+                    deferred = _deferred(item, job, drawer) if drawer is not None else None
+                    if deferred is None:
+                        image, label = _sample_tensor(item, job, transform, crop_decoder)
                 except BadSample as exc:
                     skipped.append(SkippedSample(item.shard, item.key, str(exc)))
                     continue
-                images.append(image)
+                if deferred is not None:
+                    files.append(deferred[0])
+                    boxes.append(deferred[1])
+                    rows.append(len(keys))
+                    label = deferred[2]
+                else:
+                    images.append(image)
                 labels.append(label)
                 keys.append(item.key)
             if job.label_type == "single":
@@ -207,12 +241,14 @@ def stream_batches(job: _StreamJob, stream: int) -> Iterator[Batch]:
                 for row, sample_labels in enumerate(labels):
                     label_tensor[row, sample_labels] = 1.0
             image_tensor = _stack(images, job.img_size)
+            encoded = (EncodedImages.pack(files, rows, boxes, job.img_size, job.augment.interpolation)
+                       if files else None)
         seed = batch_transform_seed(cfg, job.epoch, batch_index, job.generation)
         targets: torch.Tensor | None = None
         if job.output == "float":
             image_tensor, targets = per_batch.apply(image_tensor, label_tensor, seed)
         yield Batch(image_tensor, label_tensor, targets, keys, job.epoch, batch_index, stream,
-                    skipped, reader.retries - retries_reported, seed)
+                    skipped, reader.retries - retries_reported, seed, encoded)
         retries_reported = reader.retries
     if plan.finite:
         for position, _ in items:
@@ -258,7 +294,7 @@ class StreamingLoader:
                  multiprocessing_context: str | None = None,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS,
                  output: Literal["float", "uint8"] = "float", crop_decode: bool = False,
-                 interleave: int = DEFAULT_INTERLEAVE) -> None:
+                 interleave: int = DEFAULT_INTERLEAVE, decode: Literal["worker", "device"] = "worker") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if batch_size < 1 or num_workers < 0 or img_size < 8 or interleave < 1:
@@ -267,6 +303,16 @@ class StreamingLoader:
             raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
         if output not in ("float", "uint8"):
             raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+        augment = augment or AugmentConfig()
+        if decode not in ("worker", "device"):
+            raise ValueError(f"decode must be 'worker' or 'device', got {decode!r}")
+        if decode == "device":
+            if output != "uint8" or not train or crop_decode:
+                raise ValueError("decode='device' needs output='uint8' and train=True, without crop_decode "
+                                 "(the batch transform decodes the training crops on its device)")
+            if augment.randaug_n > 0 and not augment.randaug_device:
+                raise ValueError("decode='device' needs augment.randaug_device=True (or randaug_n=0): the "
+                                 "worker has no pixels to run RandAugment on")
         if not 0 <= max_skip_fraction <= 1:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index, storage_options)
@@ -275,7 +321,7 @@ class StreamingLoader:
         self.train = train
         self.img_size = img_size
         self.num_workers = num_workers
-        self.augment = augment or AugmentConfig()
+        self.augment = augment
         self.max_skip_fraction = max_skip_fraction
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
@@ -286,6 +332,7 @@ class StreamingLoader:
         self.max_image_pixels = max_image_pixels
         self.output = output
         self.crop_decode = crop_decode
+        self.decode = decode
         self.plan = PlanConfig(world_size=world_size, rank=rank, num_streams=max(1, num_workers),
                                batch_size=batch_size, seed=seed,
                                shuffle=train if shuffle is None else shuffle,
@@ -404,7 +451,8 @@ class StreamingLoader:
                           consumed=tuple(self._consumed), img_size=self.img_size, train=self.train,
                           augment=self.augment, retry=self.retry, verify_checksums=self.verify_checksums,
                           storage_options=self.storage_options, max_pixels=self.max_image_pixels,
-                          output=self.output, crop_decode=self.crop_decode, label_key=self.index.label_key,
+                          output=self.output, crop_decode=self.crop_decode, decode=self.decode,
+                          label_key=self.index.label_key,
                           class_index=({n: i for i, n in enumerate(self.index.class_names)}
                                        if self.index.label_key is not None else None))
 

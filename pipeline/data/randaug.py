@@ -165,9 +165,10 @@ def solarize_add(image, addition: int, threshold: int = SOLARIZE_ADD_THRESHOLD):
     return torch.where(image < threshold, added, image)
 
 
-def cutout(image, half: int, centers: Sequence[tuple[int, int]]):
+def cutout(image, half: int, centers: Sequence[tuple[int, int]] | torch.Tensor):
     """A (2*half)-sided square around each image's centre, clipped at the borders, set to 128
-    (the reference: rows max(0, cy - half) .. min(H, cy + half))."""
+    (the reference: rows max(0, cy - half) .. min(H, cy + half)). ``centers``: (row, column) per
+    image, a list or a long tensor [n, 2] on the image's device."""
     if _is_pil(image):
         from PIL import ImageDraw
 
@@ -180,7 +181,8 @@ def cutout(image, half: int, centers: Sequence[tuple[int, int]]):
                 ImageDraw.Draw(image).rectangle(box, fill=(FILL,) * len(image.getbands()))
         return image
     h, w = image.shape[-2:]
-    c = torch.tensor(centers, device=image.device).view(-1, 2, 1)
+    # centres as a tensor already on the device (the batched path) or (row, column) pairs
+    c = (centers if isinstance(centers, torch.Tensor) else torch.tensor(centers, device=image.device)).view(-1, 2, 1)
     ys = torch.arange(h, device=image.device)
     xs = torch.arange(w, device=image.device)
     in_y = (ys >= c[:, 0] - half) & (ys < c[:, 0] + half)             # [n, H]
@@ -219,31 +221,168 @@ class RandAugment:
         return f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, ops={list(self.ops)})"
 
 
+# ---------------------------------------------------------------------------------------------
+# The same tensor kernels without host->device copies (the batched path on a GPU)
+# ---------------------------------------------------------------------------------------------
+
+class DeviceKernels:
+    """v2's tensor kernels for the ops whose implementation builds tensors from Python values on
+    every call (a host->device copy, i.e. a host sync on a GPU): Rotate/Shear/Translate (the affine
+    matrix, its scale and the fill), Sharpness (its 3x3 kernel), AutoContrast (a masked assignment,
+    which syncs). The same arithmetic in the same order, so the same output bit for bit
+    (tested against ``apply_op``); what depends only on (op, value, size) - the sampling grid,
+    the blur kernel - is made once per device and kept."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        return {"_cache": {}}               # device tensors stay where they were made
+
+    def __call__(self, image: torch.Tensor, op: str, value: float) -> torch.Tensor:
+        if op in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"):
+            grid = self._grid(image, op, value)
+            return apply_op(image, op, value) if grid is None else _sample_with_fill(image, grid)
+        if op == "Sharpness":
+            return self._sharpness(image, value)
+        if op == "AutoContrast":
+            return _autocontrast(image)
+        return apply_op(image, op, value)
+
+    def _grid(self, image: torch.Tensor, op: str, value: float) -> torch.Tensor | None:
+        from torchvision.transforms.functional import _get_inverse_affine_matrix
+
+        h, w = image.shape[-2:]
+        key = ("grid", image.device, op, value, h, w)
+        if key not in self._cache:
+            if op == "Rotate":
+                angle = value % 360
+                if angle in (0, 180) or (h == w and angle in (90, 270)):
+                    return None                 # v2 takes a copy or rot90 there: no host values
+                matrix = _get_inverse_affine_matrix([0.0, 0.0], -angle, [0.0, 0.0], 1.0, [0.0, 0.0])
+            else:                               # the arguments apply_op hands to F.affine
+                degrees = math.degrees(math.atan(value))
+                shear = {"ShearX": [degrees, 0.0], "ShearY": [0.0, degrees]}.get(op, [0.0, 0.0])
+                translate = {"TranslateX": [-value, 0.0], "TranslateY": [0.0, -value]}.get(op, [0.0, 0.0])
+                center = [0.5 - w * 0.5, 0.5 - h * 0.5] if op.startswith("Shear") else [0.0, 0.0]
+                matrix = _get_inverse_affine_matrix(center, 0.0, [float(t) for t in translate], 1.0,
+                                                    [float(x) for x in shear])
+            # v2's _affine_grid, on the device
+            theta = torch.tensor(matrix, dtype=torch.float32, device=image.device).reshape(1, 2, 3)
+            base = torch.empty(1, h, w, 3, dtype=torch.float32, device=image.device)
+            base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=image.device))
+            base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h,
+                                              device=image.device).unsqueeze_(-1))
+            base[..., 2].fill_(1)
+            scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=image.device)
+            self._cache[key] = base.view(1, h * w, 3).bmm(theta.transpose(1, 2).div_(scale)).view(1, h, w, 2)
+        return self._cache[key]
+
+    def _sharpness(self, image: torch.Tensor, factor: float) -> torch.Tensor:
+        """v2's adjust_sharpness_image on uint8 [..., 3, H, W], its kernel made once per device."""
+        c, h, w = image.shape[-3:]
+        if image.numel() == 0 or h <= 2 or w <= 2:
+            return image
+        key = ("sharpness", image.device, c)
+        if key not in self._cache:
+            a, b = 1.0 / 13.0, 5.0 / 13.0
+            self._cache[key] = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=torch.float32,
+                                            device=image.device).expand(c, 1, 3, 3)
+        shape = image.shape
+        output = image.reshape(-1, c, h, w).to(dtype=torch.float32, copy=True)
+        blurred = torch.nn.functional.conv2d(output, self._cache[key], groups=c).round_()
+        view = output[..., 1:-1, 1:-1]
+        view.add_(blurred.sub_(view), alpha=(1.0 - factor))
+        return output.clamp_(0, 255).to(image.dtype).reshape(shape)
+
+
+def _autocontrast(image: torch.Tensor) -> torch.Tensor:
+    """v2's autocontrast_image on uint8, the masked assignments as ``torch.where`` (no sync)."""
+    if image.numel() == 0:
+        return image
+    float_image = image.to(torch.float32)
+    minimum = float_image.amin(dim=(-2, -1), keepdim=True)
+    maximum = float_image.amax(dim=(-2, -1), keepdim=True)
+    eq = maximum == minimum
+    inv_scale = maximum.sub_(minimum).mul_(1.0 / 255)
+    minimum = torch.where(eq, 0.0, minimum)
+    inv_scale = torch.where(eq, 1.0, inv_scale)
+    return float_image.sub_(minimum).div_(inv_scale).clamp_(0, 255).to(image.dtype)
+
+
+def _sample_with_fill(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """v2's _apply_grid_transform (nearest, fill 128) on uint8 [..., 3, H, W]; the fill as a scalar."""
+    shape = image.shape
+    img = image.reshape(-1, *shape[-3:])
+    n, _, h, w = img.shape
+    float_img = torch.cat((img.to(torch.float32),
+                           torch.ones((n, 1, h, w), dtype=torch.float32, device=img.device)), dim=1)
+    float_img = torch.nn.functional.grid_sample(float_img, grid.expand(n, -1, -1, -1) if n > 1 else grid,
+                                                mode="nearest", padding_mode="zeros", align_corners=False)
+    float_img, mask = torch.tensor_split(float_img, indices=(-1,), dim=-3)
+    float_img = torch.where(mask.expand_as(float_img) < 0.5, float(FILL), float_img)
+    return float_img.round_().to(image.dtype).reshape(shape)
+
+
 class BatchRandAugment:
     """The same RandAugment on a uint8 batch [B, 3, H, W] on its device, an independent draw per
     image from a CPU generator; per round each (op, signed value) group runs once on the images
     that drew it (Cutout: one masked fill for all its images), so a round costs at most
-    len(ops) + 5 kernel calls (the signed ops have two values) whatever the batch size."""
+    len(ops) + 5 kernel calls (the signed ops have two values) whatever the batch size.
+
+    Host to device: ONE small copy per batch (``plan``: every round's rows, grouped, with their
+    Cutout centres; pinned and non-blocking on CUDA); a group's rows are a slice of it, so no
+    tensor is built per group and nothing waits for the device. The ops whose v2 kernels build
+    tensors from host values run through ``DeviceKernels`` (the same arithmetic, their constants
+    made once per device); benchmarks/device_pipeline.py counts what is left on a GPU."""
 
     def __init__(self, num_ops: int, magnitude: float, ops: Sequence[str] = REFERENCE_OPS) -> None:
         self.num_ops, self.magnitude, self.ops = num_ops, float(magnitude), check_ops(ops)
+        self.kernels = DeviceKernels()
 
     def sample(self, batch_size: int, height: int, width: int, generator: torch.Generator) -> list[list[Draw]]:
         return sample_draws(self.ops, self.num_ops, self.magnitude, batch_size, height, width, generator)
 
-    def apply(self, images: torch.Tensor, draws: list[list[Draw]]) -> torch.Tensor:
-        out = images.clone()
+    def plan(self, draws: list[list[Draw]]) -> tuple[list[list[tuple[str, float, int, int]]], torch.Tensor]:
+        """Per round its groups ``(op, value, start, end)`` and one CPU long tensor [rounds, B, 3]:
+        per round the batch's rows, group after group (each group's rows ascending), with each
+        row's Cutout centre (row, column; 0 for other ops). Built on the host from Python values
+        in one ``torch.tensor`` call."""
+        spans: list[list[tuple[str, float, int, int]]] = []
+        table: list[tuple[int, int, int]] = []
         for round_ in range(self.num_ops):
             groups: dict[tuple[str, float], list[int]] = defaultdict(list)
             for row, ops in enumerate(draws):
                 groups[(ops[round_].op, ops[round_].value)].append(row)
+            start, mine = len(table) - round_ * len(draws), []
             for (name, value), rows in groups.items():
-                index = torch.tensor(rows, device=out.device)
+                mine.append((name, value, start, start + len(rows)))
+                start += len(rows)
+                table.extend((r, *(draws[r][round_].center or (0, 0))) for r in rows)
+            spans.append(mine)
+        return spans, torch.tensor(table, dtype=torch.long).view(self.num_ops, len(draws), 3)
+
+    def apply(self, images: torch.Tensor, draws: list[list[Draw]]) -> torch.Tensor:
+        out = images.clone()
+        if not len(images):
+            return out
+        spans, table = self.plan(draws)
+        if out.device.type == "cuda":          # pinned + non_blocking: the host does not wait
+            table = table.pin_memory()
+        table = table.to(out.device, non_blocking=True)
+        for round_, groups in enumerate(spans):
+            for name, value, start, end in groups:
+                whole = end - start == len(out)       # one group: its rows are 0..B-1 in order
+                rows = table[round_, start:end]
+                part = out if whole else out[rows[:, 0]]
                 if name == "Cutout":
-                    centers = [draws[r][round_].center for r in rows]
-                    out[index] = cutout(out[index], int(value), centers)
+                    part = cutout(part, int(value), rows[:, 1:])
                 else:
-                    out[index] = apply_op(out[index], name, value)
+                    part = self.kernels(part, name, value)
+                if whole:
+                    out = part
+                else:
+                    out[rows[:, 0]] = part
         return out
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torchvision.transforms import v2
 
+from pipeline.data.devicedecode import DecodeStats
 from pipeline.data.randaug import REFERENCE_OPS, BatchRandAugment, RandAugment, check_ops
 
 if TYPE_CHECKING:
@@ -157,7 +158,8 @@ class DeviceBatchTransform:
         self.num_classes = num_classes
         self.label_type = label_type
         self.train = train
-        self._normalize = normalize(augment)
+        self.decode_stats = DecodeStats()      # decode="device" batches: JPEGs decoded here, refused
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._mixer = batch_mixer(augment) if train else None
         self._randaug = (BatchRandAugment(augment.randaug_n, augment.randaug_m, augment.randaug_ops)
                          if train and augment.randaug_device and augment.randaug_n > 0 else None)
@@ -165,8 +167,10 @@ class DeviceBatchTransform:
 
     def __call__(self, batch: "Batch", device: torch.device | str = "cpu",
                  non_blocking: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, targets) of a loader batch on ``device``, seeded by ``batch.seed``."""
-        images = batch.images.to(device, non_blocking=non_blocking)
+        """(images, targets) of a loader batch on ``device``, seeded by ``batch.seed``; its JPEGs
+        decoded there first when the loader left them encoded (``decode="device"``)."""
+        images = (batch.decoded_images(device, non_blocking, self.decode_stats) if batch.encoded is not None
+                  else batch.images.to(device, non_blocking=non_blocking))
         if batch.targets is not None:           # made by the loader (output="float")
             return images, batch.targets.to(device, non_blocking=non_blocking)
         return self.apply(images, batch.labels.to(device, non_blocking=non_blocking), batch.seed)
@@ -178,7 +182,7 @@ class DeviceBatchTransform:
             raise TypeError(f"DeviceBatchTransform takes uint8 images, got {images.dtype}")
         if self._randaug is not None and len(images):
             images = self._randaug(images, torch.Generator().manual_seed(seed))
-        images = self._normalize(images)
+        images = self._normalized(images)
         targets = make_targets(labels, self.num_classes, self._smoothing)
         if self._mixer is not None and len(images) > 1:
             # v2's MixUp/CutMix draw from torch's global CPU generator: fork it, seeded by the
@@ -187,6 +191,21 @@ class DeviceBatchTransform:
                 torch.default_generator.manual_seed(_mix_seed(seed))
                 images, targets = self._mixer(images, targets)
         return images, targets
+
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """``normalize(augment)`` with its mean and std made once per device (v2's Normalize builds
+        both from Python lists on every call: two host->device copies per batch on a GPU); the
+        same operations in the same order, so the same floats."""
+        if images.device not in self._constants:
+            self._constants[images.device] = tuple(          # type: ignore[assignment]
+                torch.as_tensor(v, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+                for v in (self.augment.mean, self.augment.std))
+        mean, std = self._constants[images.device]
+        return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_constants": {}}        # device tensors stay where they were made
 
 
 def _mix_seed(seed: int) -> int:
