@@ -314,7 +314,9 @@ class RelativeAttention(nn.Module):
         table = self.relative_position_bias_table.flatten(1)
         backend = resolve_attn_backend(self.attn_backend, x.device)
         if backend == "flex":
-            index2d = index.view(tokens, tokens)
+            # The captured table in fp32 (a bf16 one, made inside a compiled region, gets its fp32
+            # gradient back uncast: pytorch#174018); its backward casts once to the parameter's dtype.
+            index2d, table = index.view(tokens, tokens), table.float()
 
             def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
                           kv_idx: torch.Tensor) -> torch.Tensor:
