@@ -560,18 +560,18 @@ class CoAtNet(nn.Module):
         every MBConv and Transformer block, the head."""
         return [self.stem, *(block for stage in self.stages for block in stage.blocks), self.head]
 
-    def compile_blocks(self, enable: bool = True, **compile_kwargs: Any) -> None:
-        """torch.compile each block's ``forward`` in place (``enable=False`` restores eager).
-
-        Only ``forward`` is compiled, not ``__call__``: hooks on a block keep running eagerly
-        around its compiled graph. For a model on one device (inference, benchmarks). Not for
-        DeepSpeed ZeRO-3 training: there ``pipeline.engine`` compiles the engine with DeepSpeed's
-        own ``engine.compile()``, which knows where ZeRO-3 gathers and releases parameters
-        (compiling the blocks under ZeRO-3 broke its backward on released parameters).
+    def compile_blocks(self, enable: bool = True, blocks: list[nn.Module] | None = None,
+                       **compile_kwargs: Any) -> None:
+        """torch.compile the ``forward`` of ``blocks`` (default: all of ``blocks()``) in place;
+        ``enable=False`` restores eager everywhere. Only ``forward`` is compiled, not ``__call__``:
+        hooks on a block run eagerly around its graph. Under DeepSpeed ZeRO-3 the blocks must be
+        leaf modules (``pipeline.engine.compile_engine``), else ZeRO-3's hooks on their layers
+        break the graphs and their released parameters break backward.
         """
+        chosen = {id(b) for b in (self.blocks() if blocks is None else blocks)}
         for block in self.blocks():
             block.__dict__.pop("forward", None)  # back to the class's forward
-            if enable:
+            if enable and id(block) in chosen:
                 block.forward = torch.compile(block.forward, **compile_kwargs)
 
     def set_attn_backend(self, backend: AttnBackend) -> None:
