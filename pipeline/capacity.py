@@ -224,25 +224,26 @@ def roofline_for(variant: str, img_size: int, architecture: tuple = ()) -> OpRoo
 
 
 def modelled_mfu(variant: str, img_size: int, gpu: str, architecture: tuple = (),
-                 batch: int = ROOFLINE_BATCH) -> MFU:
-    """ROOFLINE_EFFICIENCY x the MFU ceiling of the model's per-op-type roofline on ``gpu``."""
+                 batch: int = ROOFLINE_BATCH, shards: int = 1) -> MFU:
+    """ROOFLINE_EFFICIENCY x the MFU ceiling of the model's per-op-type roofline on ``gpu`` at
+    micro-batch ``batch``; ``shards`` = ZeRO-3 ranks x accumulation steps (the optimizer's share)."""
     g = GPUS[gpu]
     rl = roofline_for(variant, img_size, architecture)
     args = (batch, g.matmul_flops, g.fp32_flops, g.bandwidth)
-    ceiling = rl.mfu(*args, peak=g.peak_bf16_flops)
+    ceiling = rl.mfu(*args, peak=g.peak_bf16_flops, shards=shards)
+    img_s = rl.images_per_s(*args, shards=shards)
     return MFU(ceiling * ROOFLINE_EFFICIENCY, "modelled",
                f"{ROOFLINE_EFFICIENCY:.0%} of the roofline ceiling {ceiling:.1%} "
-               f"({rl.images_per_s(*args):,.0f} img/s at batch {batch})",
-               ceiling, rl.images_per_s(*args))
+               f"({img_s:,.0f} img/s per GPU at micro-batch {batch})", ceiling, img_s)
 
 
 def default_mfu(variant: str, img_size: int, gpu: str, architecture: tuple = (),
-                batch: int = ROOFLINE_BATCH, measured: Optional[dict] = None) -> MFU:
+                batch: int = ROOFLINE_BATCH, measured: Optional[dict] = None, shards: int = 1) -> MFU:
     """The measured MFU for (variant, img_size, gpu, architecture) when ``measured`` (default
     ``MEASURED_MFU``) has it, else the modelled one."""
     table = MEASURED_MFU if measured is None else measured
     hit = table.get((variant, img_size, gpu, tuple(architecture)))
-    model = modelled_mfu(variant, img_size, gpu, architecture, batch)
+    model = modelled_mfu(variant, img_size, gpu, architecture, batch, shards)
     if hit is None:
         return model
     return MFU(hit.mfu, "measured", f"{hit.images_per_s:,.0f} img/s per GPU, {hit.source}",
@@ -419,7 +420,9 @@ def plan(inp: PlanInputs, zero: Optional[ZeroSettings] = None) -> Plan:
     total_flops = facts.train_flops * images
     micro, mem = choose_micro_batch(facts, act, inp, inp.num_gpus, zero)
     if inp.mfu is None:
-        mfu = default_mfu(inp.variant, inp.img_size, inp.gpu, inp.architecture, micro or ROOFLINE_BATCH)
+        accum = inp.global_batch // inp.num_gpus // micro if micro else 1
+        mfu = default_mfu(inp.variant, inp.img_size, inp.gpu, inp.architecture, micro or ROOFLINE_BATCH,
+                          shards=inp.num_gpus * accum)
     else:
         mfu = MFU(inp.mfu, "given", "--mfu")
     seconds = total_flops / (inp.num_gpus * gpu.peak_bf16_flops * mfu.value)

@@ -9,8 +9,9 @@ the fusion a compiled step can reach:
 
 - GEMM-like ops (1x1 conv, linear, the stem's dense 3x3 convs) and depthwise convs are kernels of
   their own (cuDNN/cuBLAS calls: no fused prologues or epilogues): read the activation input, write
-  the output; weights are counted once per step with the optimizer (40 bytes per parameter: fp32
-  master + Adam m, v read and written, bf16 parameters and gradients).
+  the output; weights are counted once per micro-batch (bf16 gathered, written and read, bf16
+  gradients: 16 bytes per parameter) and the optimizer once per global batch on its ZeRO-3
+  partition (fp32 master + Adam m, v read and written: 24 bytes per parameter / ranks): 40 on one GPU.
 - A norm is one kernel: BatchNorm reads its input twice (statistics, apply) and writes once in
   forward, 5 passes in backward; LayerNorm 2 and 3. Pointwise ops that directly follow it (GELU,
   casts) are fused into it.
@@ -52,7 +53,11 @@ from torch.utils.flop_counter import flop_registry
 import models
 
 E = 2  # bytes per bf16 activation element
-OPTIMIZER_BYTES_PER_PARAM = 40  # fp32 master + m + v read and written (24), bf16 params and grads (~16)
+# Per parameter and step: fp32 master + Adam m, v read and written (24 bytes; under ZeRO-3 each rank
+# steps its 1/world partition once per global batch) and bf16 weights gathered, written and read in
+# forward and backward, bf16 gradients written and read (16 bytes, every micro-batch): 40 on one GPU.
+OPTIMIZER_BYTES_PER_PARAM = 40
+WEIGHT_BYTES_PER_PARAM = 16
 WALK_BATCH = 2
 
 GEMM, DEPTHWISE, STEM, NORM, ATTENTION, SE, OTHER = (
@@ -105,18 +110,26 @@ class OpRoofline:
         peak = fp32_flops if k[0] == DEPTHWISE else matmul_flops
         return max(k[3] / peak, k[4] / bandwidth)
 
-    def step_seconds(self, batch: int, matmul_flops: float, fp32_flops: float, bandwidth: float) -> float:
-        """Roofline time of one step of ``batch`` images: kernels + the optimizer's traffic."""
-        per_image = sum(self._time(k, matmul_flops, fp32_flops, bandwidth) for k in self.kernels)
-        return batch * per_image + OPTIMIZER_BYTES_PER_PARAM * self.params / bandwidth
+    def optimizer_bytes(self, shards: int = 1) -> float:
+        """Weight and optimizer traffic of one micro-batch; ``shards`` = ZeRO-3 world size x
+        gradient accumulation steps (the optimizer's share per micro-batch and rank)."""
+        opt = OPTIMIZER_BYTES_PER_PARAM - WEIGHT_BYTES_PER_PARAM
+        return self.params * (WEIGHT_BYTES_PER_PARAM + opt / shards)
 
-    def images_per_s(self, batch: int, matmul_flops: float, fp32_flops: float, bandwidth: float) -> float:
-        return batch / self.step_seconds(batch, matmul_flops, fp32_flops, bandwidth)
+    def step_seconds(self, batch: int, matmul_flops: float, fp32_flops: float, bandwidth: float,
+                     shards: int = 1) -> float:
+        """Roofline time of one step of ``batch`` images: kernels + the weights' and optimizer's traffic."""
+        per_image = sum(self._time(k, matmul_flops, fp32_flops, bandwidth) for k in self.kernels)
+        return batch * per_image + self.optimizer_bytes(shards) / bandwidth
+
+    def images_per_s(self, batch: int, matmul_flops: float, fp32_flops: float, bandwidth: float,
+                     shards: int = 1) -> float:
+        return batch / self.step_seconds(batch, matmul_flops, fp32_flops, bandwidth, shards)
 
     def mfu(self, batch: int, matmul_flops: float, fp32_flops: float, bandwidth: float,
-            peak: float) -> float:
+            peak: float, shards: int = 1) -> float:
         """The MFU ceiling: model FLOPs per second at the roofline over ``peak``."""
-        return self.images_per_s(batch, matmul_flops, fp32_flops, bandwidth) * self.model_flops / peak
+        return self.images_per_s(batch, matmul_flops, fp32_flops, bandwidth, shards) * self.model_flops / peak
 
     @property
     def bytes_per_image(self) -> float:
@@ -340,8 +353,8 @@ def format_op_roofline(rl: OpRoofline, batch: int, matmul_flops: float, fp32_flo
         for name, (gf, mb, s) in sorted(rl.by(key, *args).items(), key=lambda kv: -kv[1][2]):
             inten = f"{gf * 1e3 / mb:,.0f}" if mb else "-"
             lines.append(f"| {name} | {gf:,.3f} | {mb:,.1f} | {inten} | {100 * s * batch / total:.1f} |")
-    opt = OPTIMIZER_BYTES_PER_PARAM * rl.params / bandwidth
-    lines.append(f"| optimizer + weights | - | {OPTIMIZER_BYTES_PER_PARAM * rl.params / 1e6:,.0f}/step | - | "
+    opt = rl.optimizer_bytes() / bandwidth
+    lines.append(f"| optimizer + weights (one GPU) | - | {rl.optimizer_bytes() / 1e6:,.0f}/step | - | "
                  f"{100 * opt / total:.1f} |")
     lines.append(f"ceiling: {rl.images_per_s(batch, *args):,.0f} img/s, MFU {rl.mfu(batch, *args, peak=peak):.1%}"
                  f" of {peak / 1e12:,.0f} TFLOP/s ({rl.model_flops / 1e9:,.2f} model GFLOP/img, "

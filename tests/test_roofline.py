@@ -95,7 +95,7 @@ def test_planner_prefers_a_measured_mfu_and_says_which():
     table = {("coatnet_0", 224, "H200", ()): planner.MeasuredMFU(0.15, 5900.0, "RESULTS.md test row")}
     measured = planner.default_mfu("coatnet_0", 224, "H200", measured=table)
     assert (measured.value, measured.source) == (0.15, "measured")
-    assert measured.ceiling == pytest.approx(modelled.mfu.ceiling, rel=0.01)
+    assert measured.ceiling == pytest.approx(modelled.mfu.ceiling, rel=0.02)   # plan: optimizer over 8 ranks
     assert planner.default_mfu("coatnet_0", 384, "H200", measured=table).source == "modelled"
     given = planner.plan(planner.PlanInputs(**{**inp.__dict__, "mfu": 0.4}))
     assert given.mfu.source == "given"
@@ -114,3 +114,16 @@ def test_cli_reports_the_mfu_source():
     out = json.loads(r.stdout)
     assert out["mfu"]["source"] == "modelled" and 0.1 < out["mfu"]["value"] < 0.2
     assert out["inputs"]["mfu"] is None
+
+
+def test_optimizer_traffic_is_shared_by_zero3_ranks():
+    rl = roofline.op_roofline("coatnet_3", 224)
+    assert rl.optimizer_bytes() == 40 * rl.params                     # one GPU: the kit's 40 B/param
+    assert rl.optimizer_bytes(shards=64) == pytest.approx((16 + 24 / 64) * rl.params)
+    one, many = (rl.images_per_s(16, **H200, shards=s) for s in (1, 64))
+    assert many > one                                                 # small micro-batches gain most
+    inp = planner.PlanInputs(variant="coatnet_3", img_size=224, gpu="H200", num_gpus=64, global_batch=4096)
+    p = planner.plan(inp)
+    g = planner.GPUS["H200"]
+    assert p.mfu.ceiling == pytest.approx(rl.mfu(p.micro_batch, g.matmul_flops, g.fp32_flops, g.bandwidth,
+                                                 peak=g.peak_bf16_flops, shards=64 * p.grad_accum))
