@@ -26,6 +26,8 @@ the fusion a compiled step can reach:
   FLOPs in hardware FLOPs. The bias table is small and not counted (FlexAttention reads it
   through the index; SDPA's dense bias and its N x N gradient would add more).
 - Pooling reads its input and writes its output, in both directions.
+- Views, layout copies and dtype casts are free (a compiled step folds them into its kernels);
+  tensors under ``WALK_BATCH x 2048`` elements (SE vectors, drop-path masks) are not counted.
 
 Backward of a GEMM costs 2 x its forward FLOPs (data and weight gradients; 1 x for the stem's
 first conv, whose input needs no gradient) and reads dy and x, writes dx. Each kernel's time is
