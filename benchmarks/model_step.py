@@ -6,6 +6,8 @@ that load from other processes on a shared machine hits all alike. Reports the m
 timed rounds after ``--warmup`` untimed ones (which also pay for torch.compile), images/s, ratios,
 MFU and the bytes of tensors saved for backward in one eager train step (activation memory).
 
+"% roofline" (CUDA, H100/H200, train steps) = images/s over the modelled ceiling of
+pipeline.roofline at this variant, size and batch (the issue-22 goal: >= 90% for coatnet_3).
 MFU = model FLOPs / step time / device peak. Model FLOPs = models.count_flops (MACs of one eval
 forward) x 2 (FLOPs per MAC) x 3 for a train step (backward ~ 2x forward); x 1 for eval. Peaks:
 dense bf16 / tf32 tensor-core figures of NVIDIA's datasheets for H100/H200 SXM (CUDA), and on the
@@ -76,6 +78,21 @@ def device_peak(device: torch.device, dtype_name: str, dtype: torch.dtype) -> tu
                 return peaks[dtype_name], f"{name}, datasheet {dtype_name} peak"
         return float("nan"), f"{name}: no peak in GPU_PEAKS"
     return measured_cpu_peak(dtype), f"CPU, measured 2048^3 {dtype_name} matmul, {torch.get_num_threads()} threads"
+
+
+def roofline_images_per_s(device: torch.device, variant: str, size: int, batch: int) -> float | None:
+    """The modelled bf16 train-step ceiling (pipeline.roofline) on this GPU, None off H100/H200."""
+    if device.type != "cuda":
+        return None
+    from pipeline.capacity import GPUS
+    from pipeline.roofline import op_roofline
+
+    name = torch.cuda.get_device_name(device)
+    key = "H200" if "H200" in name else "H100-SXM" if "H100" in name else None
+    if key is None:
+        return None
+    g = GPUS[key]
+    return op_roofline(variant, size).images_per_s(batch, g.matmul_flops, g.fp32_flops, g.bandwidth)
 
 
 def main() -> None:
@@ -170,19 +187,21 @@ def main() -> None:
     macs = models.count_flops(models.create_model(args.variant, img_size=args.size, device="meta"),
                               batch_size=args.batch)
     peak, peak_source = device_peak(device, args.dtype, dtype)
+    roof = roofline_images_per_s(device, args.variant, args.size, args.batch)
     print(f"{args.variant}, batch {args.batch}, {args.size} px, {args.device} {args.dtype}, attn {args.attn_backend}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; median of {args.runs} "
           f"interleaved runs after {args.warmup} warm-up; logits max rel. error ours vs timm {max_rel_error:.1e}")
     print(f"model: {macs / args.batch / 1e9:.2f} GMACs/image; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-    print("| step | contender | time, s | images/s | vs ours eager | MFU |")
-    print("|---|---|---|---|---|---|")
+    print("| step | contender | time, s | images/s | vs ours eager | MFU | % roofline |")
+    print("|---|---|---|---|---|---|---|")
     for kind in ("train", "eval"):
         flops = macs * 2 * (3 if kind == "train" else 1)
         base = statistics.median(times[(kind, "ours")])
         for name in names:
             median = statistics.median(times[(kind, name)])
+            pct = f"{args.batch / median / roof:.0%} of {roof:,.0f}" if roof and kind == "train" else "-"
             print(f"| {kind} | {name} | {median:.3f} | {args.batch / median:.1f} | {median / base:.2f} | "
-                  f"{flops / median / peak:.1%} |")
+                  f"{flops / median / peak:.1%} | {pct} |")
     if len(saved) > 1:
         print("saved activations, train step, MB: " + ", ".join(f"{n} {b / 2**20:.0f}" for n, b in saved.items()))
     else:

@@ -8,7 +8,9 @@
 Exit status: 0 when the run fits in GPU memory at --num-gpus, 1 when it does not, 2 on bad input.
 
 FLOPs come from the model's own counter (models.count_flops, multiply-accumulates; FLOPs = 2 x MACs,
-training = 3 x forward). Activation memory is measured (saved-tensor hooks, forward + backward on
+training = 3 x forward). The MFU is measured where benchmarks/RESULTS.md has a figure for the variant,
+resolution and GPU (pipeline.capacity.MEASURED_MFU), else modelled from the model's per-op-type
+roofline (pipeline.roofline); the output says which (--roofline prints the breakdown). Activation memory is measured (saved-tensor hooks, forward + backward on
 the meta device). The logic lives in pipeline/capacity.py.
 """
 from __future__ import annotations
@@ -68,7 +70,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", default=d.gpu, choices=list(planner.GPUS))
     ap.add_argument("--num-gpus", type=int, default=None, help=f"({d.num_gpus})")
     ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
-    ap.add_argument("--mfu", type=float, default=d.mfu, help="model FLOPs utilisation (default 0.40)")
+    ap.add_argument("--mfu", type=float, default=None,
+                    help="model FLOPs utilisation of the datasheet bf16 peak (default: the measured "
+                         "figure for this variant, resolution and GPU, else modelled from the roofline)")
+    ap.add_argument("--roofline", action="store_true",
+                    help="also print the roofline of one train step by op type and stage")
     ap.add_argument("--offload", choices=["none", "cpu", "nvme"], default=None,
                     help="ZeRO-3 offload of optimizer states + params (infra/deepspeed/*.json)")
     ap.add_argument("--checkpointing", action="store_true", default=None,
@@ -119,7 +125,7 @@ def main(argv=None) -> int:
         print(f"plan: {e}", file=sys.stderr)
         return 2
     if args.json:
-        out = {"inputs": inp.__dict__, "facts": p.facts.__dict__,
+        out = {"inputs": inp.__dict__, "facts": p.facts.__dict__, "mfu": p.mfu.__dict__,
                "memory": {**p.memory.__dict__, "total": p.memory.total},
                **{k: getattr(p, k) for k in ("total_flops", "seconds", "gpu_hours", "micro_batch",
                                              "grad_accum", "fits", "min_gpus", "images_per_s",
@@ -127,6 +133,9 @@ def main(argv=None) -> int:
         print(json.dumps(out, indent=2, default=str))
     else:
         print(planner.format_plan(p))
+        if args.roofline:
+            print()
+            print(planner.format_roofline(p))
     return 0 if p.fits else 1
 
 

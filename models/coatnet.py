@@ -314,7 +314,9 @@ class RelativeAttention(nn.Module):
         table = self.relative_position_bias_table.flatten(1)
         backend = resolve_attn_backend(self.attn_backend, x.device)
         if backend == "flex":
-            index2d = index.view(tokens, tokens)
+            # The captured table in fp32 (a bf16 one, made inside a compiled region, gets its fp32
+            # gradient back uncast: pytorch#174018); its backward casts once to the parameter's dtype.
+            index2d, table = index.view(tokens, tokens), table.float()
 
             def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
                           kv_idx: torch.Tensor) -> torch.Tensor:
@@ -558,18 +560,18 @@ class CoAtNet(nn.Module):
         every MBConv and Transformer block, the head."""
         return [self.stem, *(block for stage in self.stages for block in stage.blocks), self.head]
 
-    def compile_blocks(self, enable: bool = True, **compile_kwargs: Any) -> None:
-        """torch.compile each block's ``forward`` in place (``enable=False`` restores eager).
-
-        Only ``forward`` is compiled, not ``__call__``: hooks on a block keep running eagerly
-        around its compiled graph. For a model on one device (inference, benchmarks). Not for
-        DeepSpeed ZeRO-3 training: there ``pipeline.engine`` compiles the engine with DeepSpeed's
-        own ``engine.compile()``, which knows where ZeRO-3 gathers and releases parameters
-        (compiling the blocks under ZeRO-3 broke its backward on released parameters).
+    def compile_blocks(self, enable: bool = True, blocks: list[nn.Module] | None = None,
+                       **compile_kwargs: Any) -> None:
+        """torch.compile the ``forward`` of ``blocks`` (default: all of ``blocks()``) in place;
+        ``enable=False`` restores eager everywhere. Only ``forward`` is compiled, not ``__call__``:
+        hooks on a block run eagerly around its graph. Under DeepSpeed ZeRO-3 the blocks must be
+        leaf modules (``pipeline.engine.compile_engine``), else ZeRO-3's hooks on their layers
+        break the graphs and their released parameters break backward.
         """
+        chosen = {id(b) for b in (self.blocks() if blocks is None else blocks)}
         for block in self.blocks():
             block.__dict__.pop("forward", None)  # back to the class's forward
-            if enable:
+            if enable and id(block) in chosen:
                 block.forward = torch.compile(block.forward, **compile_kwargs)
 
     def set_attn_backend(self, backend: AttnBackend) -> None:

@@ -7,7 +7,11 @@ What it answers, for a variant, resolution, dataset size, epochs, global batch, 
   on a real CPU model, as tested - so even CoAtNet-7 costs no memory); FLOPs = 2 x MACs; one training step ~= 3 x the forward FLOPs (forward + backward for
   activations and weights); total = 3 x 2 x MACs x images x epochs. Activation checkpointing
   recomputes the forward (4 x forward in hardware FLOPs) but MFU is quoted on the 3x model FLOPs.
-- time at a stated MFU (model FLOPs utilisation, default 40%) over the GPU's dense bf16 peak.
+- time at an MFU (model FLOPs utilisation over the GPU's dense bf16 datasheet peak) per variant,
+  resolution, form and GPU (``default_mfu``): a MEASURED figure from ``MEASURED_MFU`` where one
+  exists, else MODELLED from the per-op-type roofline of the model itself (``pipeline.roofline``:
+  per-kernel FLOPs and minimum bytes of a bf16 train step, at the GPU's achievable matmul peak and
+  bandwidth) times ``ROOFLINE_EFFICIENCY``; or the MFU the user gives. The plan says which.
 - memory per GPU under ZeRO-3 (see ``zero3_memory``): partitioned model states (16 bytes/param / W:
   bf16 params 2 + bf16 grads 2 + fp32 master 4 + Adam m,v 8 - DeepSpeed 0.19's defaults for bf16,
   grad_accum_dtype = model dtype), parameters under the persistence threshold kept whole on every
@@ -34,6 +38,7 @@ from typing import Optional
 
 import models
 from pipeline.activations import ActivationModel, activation_model
+from pipeline.roofline import OpRoofline, format_op_roofline, op_roofline
 
 GiB = 1024**3
 TPUV3_CORE_PEAK_FLOPS = 123e12 / 2  # TPUv3 chip: 123 TFLOP/s bf16 peak, 2 cores per chip
@@ -45,21 +50,44 @@ class GPU:
     peak_bf16_flops: float  # dense (no sparsity) bf16 tensor-core peak, FLOP/s
     memory_bytes: int  # total device memory as nvidia-smi reports it
     note: str = ""
+    hbm_bytes_s: float = 0.0  # memory bandwidth, datasheet
+    fp32_flops: float = 0.0  # non-tensor-core fp32 peak (depthwise convs run there), datasheet
+
+    @property
+    def matmul_flops(self) -> float:
+        """Achievable bf16 matmul rate: the datasheet peak x MATMUL_EFFICIENCY."""
+        return self.peak_bf16_flops * MATMUL_EFFICIENCY
+
+    @property
+    def bandwidth(self) -> float:
+        """Achievable memory bandwidth: the datasheet's x BANDWIDTH_EFFICIENCY."""
+        return self.hbm_bytes_s * BANDWIDTH_EFFICIENCY
+
+
+# Measured on an H200 by ../shared/gpu (the kit's roofline): 790 of 989 TFLOP/s in a large bf16
+# matmul, 4.3 of 4.8 TB/s in a copy; applied to every GPU until each is measured.
+MATMUL_EFFICIENCY = 790 / 989
+BANDWIDTH_EFFICIENCY = 4.3 / 4.8
+# What a compiled step reaches of its roofline (the kit's "realistic compiled" assumption; timm's
+# compiled inference on an RTX 4090 reaches 88-95% of this model's prediction; the issue's goal is 90%).
+ROOFLINE_EFFICIENCY = 0.80
+ROOFLINE_BATCH = 128  # micro-batch for the modelled MFU when the plan has none (optimizer share)
 
 
 # Dense bf16 peaks from NVIDIA's data sheets (the "with sparsity" figures are twice these).
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in [
-        GPU("A100-40GB", 312e12, 40536 * 2**20, "p4d.24xlarge"),
-        GPU("A100-80GB", 312e12, 81920 * 2**20, "p4de.24xlarge"),
-        GPU("H100-SXM", 989e12, 81559 * 2**20, "p5.48xlarge"),
-        GPU("H100-PCIe", 756e12, 81559 * 2**20),
-        GPU("H200", 989e12, 143771 * 2**20, "p5e/p5en.48xlarge"),
-        GPU("B200", 2250e12, 183359 * 2**20, "p6-b200.48xlarge"),
-        GPU("L40S", 362e12, 46068 * 2**20, "g6e"),
-        GPU("L4", 121e12, 23034 * 2**20, "g6"),
-        GPU("TPUv3-core", TPUV3_CORE_PEAK_FLOPS, 16 * GiB, "for comparison with the paper"),
+        GPU("A100-40GB", 312e12, 40536 * 2**20, "p4d.24xlarge", 1555e9, 19.5e12),
+        GPU("A100-80GB", 312e12, 81920 * 2**20, "p4de.24xlarge", 2039e9, 19.5e12),
+        GPU("H100-SXM", 989e12, 81559 * 2**20, "p5.48xlarge", 3.35e12, 67e12),
+        GPU("H100-PCIe", 756e12, 81559 * 2**20, "", 2.0e12, 51e12),
+        GPU("H200", 989e12, 143771 * 2**20, "p5e/p5en.48xlarge", 4.8e12, 67e12),
+        GPU("B200", 2250e12, 183359 * 2**20, "p6-b200.48xlarge", 8.0e12, 75e12),
+        GPU("L40S", 362e12, 46068 * 2**20, "g6e", 864e9, 91.6e12),
+        GPU("L4", 121e12, 23034 * 2**20, "g6", 300e9, 30.3e12),
+        GPU("TPUv3-core", TPUV3_CORE_PEAK_FLOPS, 16 * GiB, "for comparison with the paper", 450e9,
+            TPUV3_CORE_PEAK_FLOPS / 16),  # bandwidth: 900 GB/s per chip; vector rate a guess
     ]
 }
 
@@ -165,6 +193,64 @@ def model_facts(variant: str, img_size: int, param_persistence_threshold: int = 
 
 
 # --------------------------------------------------------------------------------------------
+# MFU: measured where measured, else modelled from the roofline
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasuredMFU:
+    mfu: float  # of the GPU's datasheet dense bf16 peak (GPUS[gpu].peak_bf16_flops)
+    images_per_s: float  # per GPU, the production step (DeepSpeed ZeRO-3, bf16)
+    source: str  # where the figure is recorded: benchmarks/RESULTS.md section, device, torch, date
+
+
+# (variant, img_size, gpu, architecture) -> MeasuredMFU; architecture as PlanInputs.architecture
+# (() = the timm form). Filled from benchmarks/RESULTS.md (benchmarks/model_step.py,
+# benchmarks/zero3_step.py on the GPU); none measured yet.
+MEASURED_MFU: dict[tuple[str, int, str, tuple], MeasuredMFU] = {}
+
+
+@dataclass(frozen=True)
+class MFU:
+    value: float  # of the datasheet dense bf16 peak
+    source: str  # "measured" | "modelled" | "given"
+    note: str
+    ceiling: Optional[float] = None  # the roofline's MFU ceiling (modelled) at this batch
+    ceiling_images_per_s: Optional[float] = None  # per GPU
+
+
+def roofline_for(variant: str, img_size: int, architecture: tuple = ()) -> OpRoofline:
+    return op_roofline(variant, img_size, architecture)
+
+
+def modelled_mfu(variant: str, img_size: int, gpu: str, architecture: tuple = (),
+                 batch: int = ROOFLINE_BATCH, shards: int = 1) -> MFU:
+    """ROOFLINE_EFFICIENCY x the MFU ceiling of the model's per-op-type roofline on ``gpu`` at
+    micro-batch ``batch``; ``shards`` = ZeRO-3 ranks x accumulation steps (the optimizer's share)."""
+    g = GPUS[gpu]
+    rl = roofline_for(variant, img_size, architecture)
+    args = (batch, g.matmul_flops, g.fp32_flops, g.bandwidth)
+    ceiling = rl.mfu(*args, peak=g.peak_bf16_flops, shards=shards)
+    img_s = rl.images_per_s(*args, shards=shards)
+    return MFU(ceiling * ROOFLINE_EFFICIENCY, "modelled",
+               f"{ROOFLINE_EFFICIENCY:.0%} of the roofline ceiling {ceiling:.1%} "
+               f"({img_s:,.0f} img/s per GPU at micro-batch {batch})", ceiling, img_s)
+
+
+def default_mfu(variant: str, img_size: int, gpu: str, architecture: tuple = (),
+                batch: int = ROOFLINE_BATCH, measured: Optional[dict] = None, shards: int = 1) -> MFU:
+    """The measured MFU for (variant, img_size, gpu, architecture) when ``measured`` (default
+    ``MEASURED_MFU``) has it, else the modelled one."""
+    table = MEASURED_MFU if measured is None else measured
+    hit = table.get((variant, img_size, gpu, tuple(architecture)))
+    model = modelled_mfu(variant, img_size, gpu, architecture, batch, shards)
+    if hit is None:
+        return model
+    return MFU(hit.mfu, "measured", f"{hit.images_per_s:,.0f} img/s per GPU, {hit.source}",
+               model.ceiling, model.ceiling_images_per_s)
+
+
+# --------------------------------------------------------------------------------------------
 # ZeRO-3 memory model
 # --------------------------------------------------------------------------------------------
 
@@ -251,7 +337,7 @@ class PlanInputs:
     gpu: str = "H100-SXM"
     num_gpus: int = 64
     gpus_per_node: int = 8
-    mfu: float = 0.40
+    mfu: Optional[float] = None  # None: default_mfu (measured, else modelled)
     checkpointing: bool = False
     offload: str = "none"
     bytes_per_image: float = 110e3  # average encoded bytes per sample in the shards
@@ -278,6 +364,7 @@ class Plan:
     fits: bool
     min_gpus: Optional[int]  # smallest count (1, 2, 4, then multiples of gpus_per_node) that fits
     images_per_s: float
+    mfu: MFU
     mb_per_s: float
     decode_cores: float  # CPU cores the loaders need for decode + augmentation, cluster-wide
     cost_usd: Optional[float]
@@ -320,7 +407,7 @@ def gpu_counts(gpus_per_node: int, limit: int = 65536) -> list[int]:
 def plan(inp: PlanInputs, zero: Optional[ZeroSettings] = None) -> Plan:
     if inp.gpu not in GPUS:
         raise ValueError(f"unknown GPU {inp.gpu!r}; known: {', '.join(GPUS)}")
-    if not 0 < inp.mfu <= 1:
+    if inp.mfu is not None and not 0 < inp.mfu <= 1:
         raise ValueError("mfu must be in (0, 1]")
     zero = zero or ZeroSettings(offload=inp.offload)
     if zero.offload != inp.offload:
@@ -331,21 +418,27 @@ def plan(inp: PlanInputs, zero: Optional[ZeroSettings] = None) -> Plan:
 
     images = inp.dataset_size * inp.epochs
     total_flops = facts.train_flops * images
-    seconds = total_flops / (inp.num_gpus * gpu.peak_bf16_flops * inp.mfu)
     micro, mem = choose_micro_batch(facts, act, inp, inp.num_gpus, zero)
+    if inp.mfu is None:
+        accum = inp.global_batch // inp.num_gpus // micro if micro else 1
+        mfu = default_mfu(inp.variant, inp.img_size, inp.gpu, inp.architecture, micro or ROOFLINE_BATCH,
+                          shards=inp.num_gpus * accum)
+    else:
+        mfu = MFU(inp.mfu, "given", "--mfu")
+    seconds = total_flops / (inp.num_gpus * gpu.peak_bf16_flops * mfu.value)
     min_gpus = None
     for n in gpu_counts(inp.gpus_per_node):
         if choose_micro_batch(facts, act, inp, n, zero)[0] is not None:
             min_gpus = n
             break
-    images_per_s = inp.num_gpus * gpu.peak_bf16_flops * inp.mfu / facts.train_flops
+    images_per_s = inp.num_gpus * gpu.peak_bf16_flops * mfu.value / facts.train_flops
     gpu_hours = seconds * inp.num_gpus / 3600
     return Plan(
         inputs=inp, facts=facts, total_flops=total_flops, seconds=seconds, gpu_hours=gpu_hours,
         micro_batch=micro,
         grad_accum=(inp.global_batch // inp.num_gpus // micro) if micro else None,
         memory=mem, fits=micro is not None, min_gpus=min_gpus,
-        images_per_s=images_per_s, mb_per_s=images_per_s * inp.bytes_per_image / 1e6,
+        images_per_s=images_per_s, mfu=mfu, mb_per_s=images_per_s * inp.bytes_per_image / 1e6,
         decode_cores=images_per_s / inp.decode_images_per_core_s,
         cost_usd=gpu_hours * inp.usd_per_gpu_hour if inp.usd_per_gpu_hour else None,
     )
@@ -415,7 +508,9 @@ def format_plan(p: Plan) -> str:
         ("images", f"{i.dataset_size:,} x {i.epochs:g} epochs = {i.dataset_size * i.epochs:,.0f}"),
         ("total compute", f"{p.total_flops:.3e} FLOPs"),
         ("GPU", f"{i.num_gpus} x {gpu.name} ({gpu.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16 dense)"),
-        ("time", f"{_duration(p.seconds)} at {i.mfu:.0%} MFU  ({p.gpu_hours:,.0f} GPU-hours)"),
+        ("MFU", f"{p.mfu.value:.1%} {p.mfu.source}: {p.mfu.note}"),
+        ("time", f"{_duration(p.seconds)} at {p.mfu.value:.1%} MFU ({p.mfu.source})"
+                 f"  ({p.gpu_hours:,.0f} GPU-hours)"),
     ]
     if p.cost_usd is not None:
         compute.append(("cost", f"${p.cost_usd:,.0f} at ${i.usd_per_gpu_hour:.2f}/GPU-hour"))
@@ -449,6 +544,15 @@ def format_plan(p: Plan) -> str:
     return "\n".join(["Compute", _table(compute), "", "Memory per GPU (ZeRO-3, bf16, AdamW)",
                       _table(mem), "", "Data rate the loaders and storage must sustain",
                       _table(data)])
+
+
+def format_roofline(p: Plan) -> str:
+    """The plan's roofline: one train step's kernels by op type and by stage on its GPU."""
+    i, g = p.inputs, GPUS[p.inputs.gpu]
+    batch = p.micro_batch or ROOFLINE_BATCH
+    rl = roofline_for(i.variant, i.img_size, i.architecture)
+    return format_op_roofline(rl, batch, g.matmul_flops, g.fp32_flops, g.bandwidth, g.peak_bf16_flops,
+                              g.name)
 
 
 def format_paper_check(rows: list[PaperCheck]) -> str:

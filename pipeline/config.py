@@ -42,6 +42,8 @@ class ModelConfig(Section):
     zero_init: bool = False                          # build under deepspeed.zero.Init (big variants)
     attn_backend: Literal["auto", "sdpa", "flex", "math"] = "auto"   # see models/README.md
     compile: bool | None = None                      # torch.compile per block; None: on with GPUs
+    compile_mode: Literal["blocks", "engine"] = "blocks"   # blocks: ZeRO-3 leaf blocks compiled one
+                                                     # graph each; engine: DeepSpeed's engine.compile()
     # the network's form (models.create_model's preset and fields); see models/README.md
     preset: Literal["timm", "paper"] = "timm"        # paper: Eq. 5 stride, max pool, C-5 head 64, SD endpoint
     stride_mode: Literal["dw", "expand"] | None = None   # None: the preset's (paper's C-3 JFT: "dw")

@@ -134,12 +134,50 @@ def build_engine(cfg: Config, ds_config: dict[str, Any]):
     model = build_model(cfg, ds_config)
     optimizer = build_optimizer(cfg, model)
     fp32_batchnorm_stats(model)
+    compile_ = cfg.model.compile if cfg.model.compile is not None else cfg.scaling.use_gpu
+    if compile_ and cfg.model.compile_mode == "blocks":
+        mark_leaf_blocks(model)          # before initialize: ZeRO-3 registers its hooks there
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if cfg.model.compile if cfg.model.compile is not None else cfg.scaling.use_gpu:
-        # DeepSpeed's own torch.compile integration: it knows where ZeRO-3 gathers and releases
-        # parameters (compiling the blocks ourselves breaks ZeRO-3's backward: released parameters)
-        engine.compile()
+    if compile_:
+        compile_engine(engine, cfg.model.compile_mode)
     return engine, optimizer
+
+
+def leaf_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks that are ZeRO-3 leaf modules and compiled one graph each: every MBConv and
+    Transformer block and the head. Not the stem: its input needs no gradient, so as a leaf its
+    weights are released before its backward (DeepSpeed 0.19.8: "size of tensor a (0) must
+    match ... (3)"); it stays eager with ZeRO-3's hooks on its three layers."""
+    from models.coatnet import Stem
+
+    return [b for b in model.blocks() if not isinstance(b, Stem)]
+
+
+def mark_leaf_blocks(model: torch.nn.Module) -> int:
+    """Make ``leaf_blocks`` ZeRO-3 leaf modules (before ``deepspeed.initialize``): DeepSpeed then
+    hooks the block, gathering all its parameters at once, and none of its submodules, so no
+    hook runs inside the block's forward. Returns the number of leaves."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    blocks = leaf_blocks(model)
+    set_z3_leaf_modules(model, list({type(b) for b in blocks}))
+    return len(blocks)
+
+
+def compile_engine(engine, mode: str = "blocks", backend: str | None = None, **compile_kwargs: Any) -> None:
+    """torch.compile under ZeRO-3. ``blocks``: each leaf block's ``forward`` is compiled
+    (``model.compile_blocks``), ZeRO-3's gather/release hooks run eagerly around the graphs:
+    no graph breaks, one graph per block shape (the leaves must be marked before initialize).
+    ``engine``: DeepSpeed's ``engine.compile()`` of the whole module, where ZeRO-3's
+    ``torch.compiler.disable``'d hooks on every submodule break the graph at each of them
+    (tests/test_engine_compile.py counts both)."""
+    if mode == "engine":
+        engine.compile(**({"backend": backend} if backend else {}), compile_kwargs=compile_kwargs)
+        return
+    if backend:
+        compile_kwargs["backend"] = backend
+    model = engine.module
+    model.compile_blocks(blocks=leaf_blocks(model), **compile_kwargs)
 
 
 def fp32_batchnorm_stats(model: torch.nn.Module) -> int:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER = [
     ["pipeline.errors", "pipeline.redact", "pipeline.retry", "pipeline.cluster", "pipeline.elastic"],
     ["models"],
-    ["pipeline.data", "pipeline.activations"],
+    ["pipeline.data", "pipeline.activations", "pipeline.roofline"],
     ["pipeline.config", "pipeline.console", "pipeline.tracking", "pipeline.capacity"],
     ["pipeline.weights", "pipeline.checkpoint", "pipeline.spec"],
     ["pipeline.engine", "pipeline.evaluate", "pipeline.registry"],

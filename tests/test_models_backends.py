@@ -279,3 +279,39 @@ def test_count_flops_is_the_same_for_every_backend_and_device() -> None:
             assert model.config.attn_backend == backend
             assert {m.attn_backend for m in model.modules() if isinstance(m, RelativeAttention)} == {backend}
     assert len(counts) == 1, counts
+
+
+def test_flex_captures_an_fp32_table_for_bf16_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's bf16 engine makes the bias table a bf16 parameter. FlexAttention accumulates a
+    captured buffer's gradient in fp32 and (torch without pytorch#174251) hands it back uncast when
+    the buffer was made inside the compiled region: a dtype error in backward. The flex path
+    captures an fp32 table; the gradient reaches the bf16 parameter through one cast. Checked in
+    the traced graph and through flex's dense backward (no CPU flex backward: guard lifted)."""
+    flex_module = pytest.importorskip("torch.nn.attention.flex_attention")
+    attn, x, index = _reference_attention()
+    expected = _attention_grads(attn, x, index)
+    attn.attn_backend = "flex"
+    attn.bfloat16()
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
+    captured: list[torch.dtype] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "flex_attention" in str(node.target):
+                buffers = [b for arg in node.args if isinstance(arg, tuple) for b in arg
+                           if isinstance(b, torch.fx.Node)]   # score_mod / mask_mod buffers
+                values = [b.meta.get("example_value") for b in buffers]
+                captured.extend(v.dtype for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+        from torch._dynamo.backends.common import aot_autograd
+        from functorch.compile import make_boxed_func
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, backend=backend, fullgraph=True)
+    got = _attention_grads(attn, x.bfloat16(), index, forward=compiled)
+    torch._dynamo.reset()
+    assert captured == [torch.float32], captured
+    assert got[3].dtype == torch.bfloat16
+    for name, want, value in zip(("out", "input grad", "qkv grad", "table grad"), expected, got):
+        rel = ((value.float() - want).norm() / want.norm()).item()
+        assert rel < 0.02, (name, rel)   # bf16 rounding of weights and activations
