@@ -56,12 +56,14 @@ class ModelRef:
 
     @classmethod
     def from_model(cls, model_or_state_dict, spec) -> "ModelRef":
-        """Weights the driver holds (e.g. a model it adapted itself): put once into the object store."""
+        """Weights the driver holds (e.g. a model it adapted itself): put once into the object store
+        (kept as they are when this process has no Ray: scored here)."""
         import ray
 
         from pipeline.weights import to_fp32
 
-        return cls(spec=spec.to_dict(), state=ray.put({k: v.numpy() for k, v in to_fp32(model_or_state_dict).items()}))
+        state = {k: v.numpy() for k, v in to_fp32(model_or_state_dict).items()}
+        return cls(spec=spec.to_dict(), state=ray.put(state) if ray.is_initialized() else state)
 
     def load(self):
         """(model in eval mode on this process's device, ModelSpec): runs on the worker."""

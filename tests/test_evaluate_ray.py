@@ -66,6 +66,8 @@ def registry(shards, tmp_path_factory):
         for model, spec in models:
             with mlflow.start_run():
                 log_model(model, spec, registered_model_name=name)
+    with mlflow.start_run():
+        log_model(*models[0], registered_model_name="cli")
     yield uri
     mlflow.set_tracking_uri(None)
 
@@ -116,6 +118,7 @@ def test_two_workers_give_the_single_process_scores_and_mcnemar_decision(shards,
 
 
 def test_training_precision_and_clear_errors(shards, registry, ray2):
+    import models
     from pipeline.data import DataError
     from pipeline.evaluate import evaluate_model
     from pipeline.evaluate_ray import ModelRef, evaluate_on_cluster
@@ -130,10 +133,26 @@ def test_training_precision_and_clear_errors(shards, registry, ray2):
     assert abs(dist["top1"] - single["top1"]) <= 2 / 150     # bf16: a tie may fall either way
     assert dist["loss"] == pytest.approx(single["loss"], rel=2e-2)
 
+    # multi-label data: precision_at_1, recall_at_5, loss and the driver-side mAP over the merged outputs
+    from pipeline.data import write_demo_shards
+    from pipeline.spec import ModelSpec
+
+    multi = shards.parent / "multi"
+    write_demo_shards(str(multi), num_train=0, num_val=60, image_size=IMG, samples_per_shard=15, multi_label=True)
+    from pipeline.data import ShardIndex
+
+    midx = ShardIndex.load(str(multi / "val"))
+    torch.manual_seed(3)
+    mmodel = models.create_model(VARIANT, num_classes=midx.num_classes, img_size=IMG).eval()
+    mspec = ModelSpec.for_data(mmodel, VARIANT, midx)
+    one = evaluate_model(mmodel, mspec, str(multi / "val"), batch_size=16)
+    two = evaluate_on_cluster(ModelRef.from_model(mmodel, mspec), str(multi / "val"), workers=2, batch_size=16)
+    assert set(two) == set(one) >= {"precision_at_1", "recall_at_5", "loss", "mAP", "num_samples"}
+    assert two["num_samples"] == one["num_samples"] == 60
+    assert all(two[k] == pytest.approx(one[k], rel=1e-5) for k in one), (one, two)
+
     # a model of another class count than the data: the worker's DataError arrives as itself, one line
     import dataclasses
-
-    import models
 
     spec5 = dataclasses.replace(meta["spec"], num_classes=5, class_names=[str(i) for i in range(5)])
     small = models.create_model(VARIANT, num_classes=5, img_size=IMG)
@@ -155,3 +174,58 @@ def test_workers_that_cannot_start_fail_in_time_naming_what_is_missing(shards, r
         evaluate_on_cluster(ModelRef.from_registry("models:/local/1"), str(shards / "val"), workers=2,
                             use_gpu=True, start_timeout_s=5)
     assert time.monotonic() - start < 60
+
+
+def test_promote_job_and_workflow_stage_score_on_the_workers(shards, registry, ray2, tmp_path):
+    """jobs/promote.py --workers 2, and the workflow's evaluate stage on a fine-tuning run's weights
+    artifact (runs:/ID/weights, read by the workers) in the stage's precision."""
+    import contextlib
+    import importlib.util
+    import io
+    import json
+    from pathlib import Path
+
+    import mlflow
+
+    from pipeline import workflow as wfm
+    from pipeline.data import ShardIndex
+    from pipeline.evaluate import evaluate_model
+    from pipeline.registry import load_model
+    from pipeline.weights import write_weights
+
+    val = str(shards / "val")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("job_promote", root / "jobs" / "promote.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = job.main(["--name", "cli", "--val", val, "--workers", "2", "--batch-size", "16",
+                       "--tracking-uri", registry])
+    assert rc == 0
+    d = json.loads(out.getvalue().strip().splitlines()[-1])
+    model, meta = load_model("models:/cli/1")
+    assert d["action"] == "initial"
+    assert d["candidate_score"] == pytest.approx(evaluate_model(model, meta["spec"], val)["top1"], abs=1e-6)
+
+    # the workflow's evaluate stage: a "fine-tuning run" whose weights/ artifact the workers read
+    wf, base = wfm.load_workflow("configs/workflow_demo.yaml", [
+        "finetune.0.overrides=[model.img_size=32]", "evaluate.baseline=false", "evaluate.batch_size=16",
+        f"tracking_uri={registry}"])
+    plan = wfm.plan_stages(wf, base)
+    stage = plan.finetune[0]
+    index = ShardIndex.load(val)
+    mspec = wfm.spec_for(stage.config, index)
+    tuned = mspec.build()
+    tuned.load_state_dict(model.state_dict())
+    write_weights(str(tmp_path / "weights"), tuned.state_dict().items())
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tmp_path / "weights"), "weights")
+    result = wfm.WorkflowResult("parent")
+    result.stages[stage.name] = wfm.StageResult(stage.name, stage.key, run.info.run_id, {})
+    runner = wfm.Runner(None, result)
+    ev = wfm._evaluate(plan, runner, None, val, index)
+    assert stage.config.train.bf16 and stage.config.scaling.num_workers == 2
+    single = evaluate_model(tuned, mspec, val, batch_size=16, precision="bf16")
+    got = ev["scores"][stage.name]
+    assert got["num_samples"] == 150 and abs(got["top1"] - single["top1"]) <= 2 / 150
