@@ -9,8 +9,9 @@ attempt's start), the next failed attempt is final. The driver then turns Ray's 
 ``PlacementError``: the workers asked for, what the cluster's live nodes hold, and the resource that
 falls short (``missing``), e.g.
 
-    scaling: 64 workers of {CPU: 8, GPU: 1} not placed within 600 s (scaling.placement_timeout_s):
-    the cluster's nodes hold 32 such workers; short of GPU: 64 needed, 32 in the cluster
+    scaling: 64 workers of {CPU: 8, GPU: 1, accelerator_type:H100: 0.001} not placed within 600 s
+    (scaling.placement_timeout_s): the cluster's 5 nodes hold 32 such workers; short of GPU: 64 needed,
+    32 on the 4 nodes that have CPU, GPU, accelerator_type:H100
 
 A group that started and failed later resets the clock. Elastic groups (``scaling.min_workers``) are
 not started below their minimum at all; they wait for capacity by design (``pipeline.elastic``).
@@ -44,8 +45,8 @@ def missing(per_worker: dict[str, float], num_workers: int, nodes: list[dict[str
     if absent:
         return fits, "short of " + "; ".join(f"{k} (no node has it)" for k in absent)
     eligible = [n for n in nodes if all(n.get(k, 0.0) > 0 for k in need)]
-    where = "in the cluster" if len(eligible) == len(nodes) else (
-        "on the nodes that have " + ", ".join(k for k in need if any(n.get(k, 0.0) <= 0 for n in nodes)))
+    where = ("in the cluster" if len(eligible) == len(nodes) else
+             f"on the {len(eligible)} nodes that have {', '.join(need)}")
     short = [f"{k}: {v * num_workers:g} needed, {sum(n[k] for n in eligible):g} {where}"
              for k, v in need.items() if sum(n[k] for n in eligible) + 1e-9 < v * num_workers]
     if short:

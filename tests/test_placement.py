@@ -16,7 +16,7 @@ def test_missing_names_the_resource_that_falls_short():
     assert missing(worker, 64, [p5] * 4) == (32, "short of GPU: 64 needed, 32 in the cluster")
     # GPUs enough in total, but half of them of another type
     assert missing(worker, 64, [p5] * 4 + [a100] * 4) == (
-        32, "short of GPU: 64 needed, 32 on the nodes that have accelerator_type:H100")
+        32, "short of GPU: 64 needed, 32 on the 4 nodes that have CPU, GPU, accelerator_type:H100")
     assert missing(worker, 8, [{"CPU": 8.0}]) == (0, "short of GPU (no node has it); "
                                                      "accelerator_type:H100 (no node has it)")
     # enough in total, but no node has room for a whole worker
