@@ -29,6 +29,17 @@ from pipeline.evaluate import Scores, evaluation_loader, finish, score_batches
 from pipeline.placement import PlacementError, describe
 
 
+def _tracking_uri() -> str:
+    """This process's MLflow tracking URI as a worker can use it: a relative SQLite path made
+    absolute (a worker's working directory is not the driver's)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
 @dataclass
 class ModelRef:
     """How a worker gets the model it scores. One of: ``uri`` (``models:/NAME/VERSION``: the
@@ -44,15 +55,14 @@ class ModelRef:
 
     @classmethod
     def from_registry(cls, uri: str) -> "ModelRef":
-        import mlflow
-
-        return cls(uri=uri, tracking_uri=mlflow.get_tracking_uri())
+        return cls(uri=uri, tracking_uri=_tracking_uri())
 
     @classmethod
     def from_weights(cls, weights: str, spec) -> "ModelRef":
-        import mlflow
-
-        return cls(spec=spec.to_dict(), weights=weights, tracking_uri=mlflow.get_tracking_uri())
+        """``weights``: a folder every worker can read (made absolute when local), or ``runs:/...``."""
+        if "://" not in weights and ":/" not in weights:
+            weights = os.path.abspath(weights)
+        return cls(spec=spec.to_dict(), weights=weights, tracking_uri=_tracking_uri())
 
     @classmethod
     def from_model(cls, model_or_state_dict, spec) -> "ModelRef":
