@@ -2,6 +2,7 @@
 
     python jobs/promote.py --name coatnet-demo [--version 3] [--val data/demo/val] [--margin 0.005] [--significance 0.05]
     python jobs/promote.py --name coatnet-demo --version 4 --force --reason "hotfix: new label set"
+    ray job submit --working-dir . -- python jobs/promote.py --name coatnet-3 --workers 16 --gpu --precision bf16
 
 Both versions are evaluated on the same data (--val, default: the candidate's `data.val` tag), each
 with its own preprocessing; scores and the decision are written as tags on the versions (nothing is
@@ -32,6 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="move the alias even when not better (recorded)")
     p.add_argument("--reason", default="", help="why --force was used (recorded in tags)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0,
+                   help="score on this many Ray workers (the cluster at RAY_ADDRESS, else a private local "
+                        "Ray; the driver only merges); 0: in this process (default)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (with --workers)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the forward's precision: the model's training precision (bf16 for the paper recipes)")
     p.add_argument("--tracking-uri", default=None)
     a = p.parse_args(argv)
 
@@ -45,7 +52,8 @@ def main(argv=None) -> int:
     try:
         d = promote(a.name, a.version, val=a.val, alias=a.alias, margin=a.margin, metric=a.metric,
                     significance=a.significance if a.significance > 0 else None,
-                    force=a.force, reason=a.reason, batch_size=a.batch_size)
+                    force=a.force, reason=a.reason, batch_size=a.batch_size,
+                    eval_options={"workers": a.workers, "use_gpu": a.gpu, "precision": a.precision})
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

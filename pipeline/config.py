@@ -167,6 +167,14 @@ class ScalingConfig(Section):
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = {}
     torch_threads: int | None = Field(None, ge=1)   # None: cpus_per_worker (CPU workers)
+    accelerator_type: str | None = None             # Ray's name (H100, A100-40G...): GPUs of this type only
+    placement_timeout_s: float = Field(600.0, gt=0)  # a group not placed by then fails (pipeline.placement)
+
+    @model_validator(mode="after")
+    def _accelerator(self) -> ScalingConfig:
+        if self.accelerator_type and not self.use_gpu:
+            raise ValueError("scaling.accelerator_type needs scaling.use_gpu=true")
+        return self
 
 
 class DeepSpeedConfig(Section):

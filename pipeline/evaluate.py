@@ -3,7 +3,8 @@
 ``Scores`` accumulates per batch and is what both sides use:
 
 - the training loop (``pipeline.train``) on each rank, summed across ranks with ``all_reduce``;
-- the driver (``evaluate_model``: registry, workflow, promotion) on one process.
+- one process (``evaluate_model``), or the cluster's workers (``pipeline.evaluate_ray``: each scores
+  a part of the split and returns its ``Scores``, which the driver merges with ``Scores.merge``).
 
 Metrics, by label type:
 
@@ -63,6 +64,12 @@ class Scores:
         self.sums = self.sums.to(device)
         dist.all_reduce(self.sums)
 
+    def merge(self, other: "Scores") -> None:
+        """Add another evaluation's sums (and kept outputs) of disjoint samples: a part scored elsewhere."""
+        self.sums = self.sums.cpu() + other.sums.cpu()
+        if self._outputs is not None and other._outputs:
+            self._outputs += other._outputs
+
     @property
     def count(self) -> int:
         return int(self.sums[2].item())
@@ -90,33 +97,74 @@ def mean_average_precision(scores: torch.Tensor, positives: torch.Tensor) -> flo
     return float(ap[n_pos > 0].mean()) if (n_pos > 0).any() else float("nan")
 
 
-def evaluate_model(model: torch.nn.Module, spec, val: str, *, batch_size: int = 64,
-                   num_workers: int = 0, device: torch.device | None = None,
-                   per_sample: bool = False) -> dict:
-    """Metrics of ``model`` over every sample of the split ``val`` (folder or URL of its index), read
-    by pipeline.data's StreamingLoader with the model's own eval preprocessing (``spec``:
-    ``pipeline.spec.ModelSpec``). Adds ``num_samples``; with ``per_sample`` also ``correct``:
-    {sample key: top-1 hit} (for paired tests between models). Raises DataError on unusable data."""
-    from pipeline.data import DataError, StreamingLoader
-    from pipeline.spec import spec_augment
+PRECISIONS = ("fp32", "bf16")
 
-    h, _ = spec.img_size
-    loader = StreamingLoader(val, batch_size=batch_size, img_size=h, train=False, num_workers=num_workers,
-                             augment=spec_augment(spec), max_skip_fraction=0.0)
-    if loader.index.num_classes != spec.num_classes:
-        raise DataError(f"evaluation data {val} has {loader.index.num_classes} classes, "
-                        f"the model {spec.num_classes}")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
-    scores = Scores(loader.index.label_type, keep_outputs=loader.index.label_type == "multi")
-    correct: dict[str, bool] = {}
-    with torch.inference_mode():
+
+def autocast(device: torch.device, precision: str):
+    """The forward's precision: ``fp32`` (no autocast) or ``bf16`` (autocast, as the training
+    forward runs under bf16); a ValueError names anything else."""
+    import contextlib
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def score_batches(model: torch.nn.Module, loader, scores: Scores, device: torch.device, *,
+                  precision: str = "fp32", correct: dict[str, bool] | None = None) -> None:
+    """Run ``model`` over every batch of ``loader`` into ``scores`` (and per-sample top-1 hits into
+    ``correct``, keyed by sample key): the one scoring loop of the single-process evaluator and of
+    each worker of the distributed one."""
+    with torch.inference_mode(), autocast(device, precision):
         for batch in loader:
             if not len(batch):
                 continue
             hit = scores.update(model(batch.images.to(device)), batch.labels.to(device))
-            if per_sample:
+            if correct is not None:
                 correct.update(zip(batch.keys, hit.tolist()))
+
+
+def evaluation_loader(val, spec, *, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1):
+    """The StreamingLoader of one part (``rank`` of ``world_size``: every sample in exactly one part)
+    of the split ``val`` (folder, URL or a loaded ShardIndex), with the model's own eval preprocessing
+    (``spec``: ``pipeline.spec.ModelSpec``); DataError when the data does not fit the model."""
+    from pipeline.data import DataError, StreamingLoader
+    from pipeline.spec import spec_augment
+
+    h, _ = spec.img_size
+    loader = StreamingLoader(val, rank=rank, world_size=world_size, batch_size=batch_size, img_size=h,
+                             train=False, num_workers=num_workers, augment=spec_augment(spec),
+                             max_skip_fraction=0.0)
+    if loader.index.num_classes != spec.num_classes:
+        raise DataError(f"evaluation data {val if isinstance(val, str) else loader.index.root} has "
+                        f"{loader.index.num_classes} classes, the model {spec.num_classes}")
+    return loader
+
+
+def finish(scores: Scores, val: str, correct: dict[str, bool] | None) -> dict:
+    """The result dict of an evaluation: metrics, ``num_samples``, and ``correct`` when kept."""
+    from pipeline.data import DataError
+
     if scores.count == 0:
         raise DataError(f"no samples in {val!r}")
-    return {**scores.result(), "num_samples": scores.count, **({"correct": correct} if per_sample else {})}
+    return {**scores.result(), "num_samples": scores.count, **({"correct": correct} if correct is not None else {})}
+
+
+def evaluate_model(model: torch.nn.Module, spec, val: str, *, batch_size: int = 64,
+                   num_workers: int = 0, device: torch.device | None = None,
+                   per_sample: bool = False, precision: str = "fp32") -> dict:
+    """Metrics of ``model`` over every sample of the split ``val`` (folder or URL of its index), read
+    by pipeline.data's StreamingLoader with the model's own eval preprocessing (``spec``:
+    ``pipeline.spec.ModelSpec``), in this process; ``precision``: ``fp32`` or ``bf16`` (autocast).
+    Adds ``num_samples``; with ``per_sample`` also ``correct``: {sample key: top-1 hit} (for paired
+    tests between models). Raises DataError on unusable data. On a cluster:
+    ``pipeline.evaluate_ray.evaluate_on_cluster``."""
+    loader = evaluation_loader(val, spec, batch_size=batch_size, num_workers=num_workers)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    scores = Scores(loader.index.label_type, keep_outputs=loader.index.label_type == "multi")
+    correct: dict[str, bool] | None = {} if per_sample else None
+    score_batches(model, loader, scores, device, precision=precision, correct=correct)
+    return finish(scores, val, correct)

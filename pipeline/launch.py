@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import checkpoint, elastic, tracking
+from pipeline import checkpoint, elastic, placement, tracking
 from pipeline.cluster import ray_session, storage_filesystem, worker_env
 from pipeline.config import Config, ConfigError, flat_params, is_remote, resolve_paths, resolved_dict
 from pipeline.console import ProgressChannel, say
@@ -157,6 +157,15 @@ def ray_cpus(cfg: Config) -> float:
     return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one training worker asks Ray for (as Ray Train's ScalingConfig adds it up)."""
+    s = cfg.scaling
+    res = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {}), **s.resources_per_worker}
+    if s.accelerator_type:
+        res[f"accelerator_type:{s.accelerator_type}"] = 0.001
+    return res
+
+
 def make_trainer(cfg: Config, task: TrainTask):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -175,6 +184,9 @@ def make_trainer(cfg: Config, task: TrainTask):
             if self.scaling_config.elasticity_enabled:     # Ray's elastic policy, on batch-splitting counts
                 controller_init_kwargs["scaling_policy"] = elastic.make_policy(
                     self.scaling_config, counts=counts, key=task.grow_key, settle_s=s.restart_settle_s, say=task.say)
+            # a group that cannot be placed fails after scaling.placement_timeout_s (Ray retries forever)
+            controller_init_kwargs["failure_policy"] = placement.make_failure_policy(
+                self.run_config.failure_config, s.placement_timeout_s)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     if s.min_workers:
@@ -187,6 +199,7 @@ def make_trainer(cfg: Config, task: TrainTask):
         torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(counts[0], s.num_workers) if s.min_workers else s.num_workers,
                                      use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     accelerator_type=s.accelerator_type,
                                      elastic_resize_monitor_interval_s=s.resize_check_s),
         run_config=RunConfig(
             name=cfg.storage.name, storage_path=path, storage_filesystem=fs,
@@ -231,8 +244,12 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
         progress.start()
         try:
             result = make_trainer(cfg, task).fit()
-        except Exception:
+        except Exception as e:
             tracking.client(uri).set_terminated(run_id, status="FAILED")
+            s = cfg.scaling        # workers that could not be placed: one line naming what is missing
+            unplaced = placement.placement_failure(e, worker_resources(cfg), s.num_workers, s.placement_timeout_s)
+            if unplaced is not None:
+                raise unplaced from None
             raise
         finally:
             progress.stop()

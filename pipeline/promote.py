@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.evaluate import PRIMARY, evaluate_model
+from pipeline.evaluate_ray import cluster_evaluator
 from pipeline.registry import RegistryError, client, is_missing, load_model, resolve_version
 
 # Tag keys on model versions.
@@ -144,10 +145,13 @@ def _record_alias_move(name: str, alias: str, before: str | None, after: str, ac
 def promote(name: str, candidate: str | None = None, *, val: str | None = None, alias: str = "champion",
             margin: float = 0.0, metric: str | None = None, significance: float | None = 0.05,
             force: bool = False, reason: str = "", batch_size: int = 64,
-            evaluator: Callable[[str], dict] | None = None) -> Decision:
+            eval_options: dict | None = None, evaluator: Callable[[str], dict] | None = None) -> Decision:
     """Move ``alias`` to ``candidate`` (a version number; default: the newest version) when it beats
     the current holder on ``val`` (default: the candidate's ``data.val`` tag) by ``margin`` and, with
     ``significance`` set, in McNemar's paired test at that level (None: margin only).
+    ``eval_options``: score on the cluster's workers (``pipeline.evaluate_ray.evaluate_on_cluster``'s
+    options: ``workers``, ``use_gpu``, ``precision``...; each worker fetches the version's files, the
+    driver only merges); None or ``workers: 0``: in this process.
     ``evaluator(model_uri) -> {metric: score, ..., "correct": {key: hit}}`` replaces the evaluation
     (tests)."""
     from mlflow.exceptions import MlflowException
@@ -180,10 +184,14 @@ def promote(name: str, candidate: str | None = None, *, val: str | None = None, 
         return Decision("unchanged", cv, champ_v, champ_v, float(prev[TAG_CAND_SCORE]),
                         float(prev[TAG_CHAMP_SCORE]), metric, margin, fp)
 
-    if evaluator is None:
+    opts = dict(eval_options or {})
+    if evaluator is None and opts.get("workers", 0) > 0:
+        evaluator = cluster_evaluator(val, batch_size=batch_size, **opts)
+    elif evaluator is None:
         def evaluator(uri):
             model, meta = load_model(uri)
-            return evaluate_model(model, meta["spec"], val, batch_size=batch_size, per_sample=True)
+            return evaluate_model(model, meta["spec"], val, batch_size=batch_size, per_sample=True,
+                                  precision=opts.get("precision", "fp32"))
 
     paired = significance is not None and metric in PAIRED_METRICS and champ_v is not None
     cand_s = _version_score(name, cv, fp, metric, evaluator, per_sample=paired)

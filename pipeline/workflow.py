@@ -48,6 +48,10 @@ class EvaluateSpec(Section):
     val: str | None = None                 # default: the last fine-tuning stage's val split
     batch_size: int = Field(64, ge=1)
     baseline: bool = True                  # also score the pretrained model at each new resolution
+    # on the cluster's workers (pipeline.evaluate_ray), GPUs when the stage trained on GPUs;
+    # None: as many as the fine-tuning stage's scaling.num_workers; 0: in the driver process
+    workers: int | None = Field(None, ge=0)
+    precision: str | None = Field(None, pattern="^(fp32|bf16)$")   # None: the stage's (train.bf16)
 
 
 class RegisterSpec(Section):
@@ -343,29 +347,75 @@ def spec_for(cfg: Config, index):
                      label_type=index.label_type)
 
 
-def _evaluate(plan: Plan, result: WorkflowResult, source, val: str, val_index) -> dict[str, Any]:
-    """Every fine-tuned model on ``val``, and (baseline) the pretrained model resized, untuned."""
-    from pipeline.evaluate import PRIMARY, evaluate_model
-    from pipeline.finetune import adapt, resolve_source
+def _eval_options(wf: WorkflowConfig, cfg: Config) -> dict[str, Any]:
+    """Where and how a stage's models are scored: its workers, GPUs and training precision."""
+    ev = wf.evaluate
+    return {"workers": cfg.scaling.num_workers if ev.workers is None else ev.workers,
+            "use_gpu": cfg.scaling.use_gpu, "cpus_per_worker": cfg.scaling.cpus_per_worker,
+            "precision": ev.precision or ("bf16" if cfg.train.bf16 else "fp32"),
+            "loader_workers": cfg.data.loader_workers if cfg.scaling.use_gpu else 0,
+            "start_timeout_s": cfg.scaling.placement_timeout_s, "batch_size": ev.batch_size}
 
-    bs = plan.wf.evaluate.batch_size
-    metric = PRIMARY[val_index.label_type]
+
+def _score(model_ref, spec, val: str, opts: dict[str, Any], model=None) -> dict:
+    """One model's scores: on ``opts['workers']`` Ray workers (the driver merges), or here with 0."""
+    from pipeline.evaluate import evaluate_model
+    from pipeline.evaluate_ray import evaluate_on_cluster
+
+    if opts["workers"] == 0:
+        return evaluate_model(model if model is not None else model_ref.load()[0], spec, val,
+                              batch_size=opts["batch_size"], precision=opts["precision"])
+    return evaluate_on_cluster(model_ref, val, **opts)
+
+
+def _tuned_ref(run_id: str, use_ema: bool, spec):
+    """The fine-tuned model for the workers: ``runs:/ID/weights_ema`` (its EMA model, when it has one
+    and ``use_ema``) or ``/weights``, fetched by each worker itself - what ``finetune.resolve_source``
+    reads; a run without them (its final checkpoint only) is consolidated here and sent."""
+    from mlflow import MlflowClient
+
+    from pipeline.evaluate_ray import ModelRef
+    from pipeline.finetune import resolve_source
+    from pipeline.weights import EMA_WEIGHTS_DIR, WEIGHTS_DIR
+
+    names = {a.path for a in MlflowClient().list_artifacts(run_id)}
+    which = EMA_WEIGHTS_DIR if use_ema and EMA_WEIGHTS_DIR in names else WEIGHTS_DIR
+    if which in names:
+        return ModelRef.from_weights(f"runs:/{run_id}/{which}", spec)
+    with resolve_source(run_id, ema=use_ema) as tuned:
+        return ModelRef.from_model(tuned.load(), spec)
+
+
+def _evaluate(plan: Plan, runner: Runner, source, val: str, val_index) -> dict[str, Any]:
+    """Every fine-tuned model on ``val``, and (baseline) the pretrained model resized, untuned; on the
+    cluster's workers, which read the fine-tuned weights from the runs' artifacts themselves."""
+    from pipeline.evaluate import PRIMARY
+    from pipeline.evaluate_ray import ModelRef
+    from pipeline.finetune import adapt
+
+    metric, result = PRIMARY[val_index.label_type], runner.result
     scores: dict[str, dict] = {}
     pretrained = None                  # the source's weights, read once for every baseline
     for training in plan.finetune:
         stage, cfg = training.name, training.config
         spec = spec_for(cfg, val_index)
-        model = spec.build()
-        with resolve_source(result.stages[stage].run_id, ema=plan.wf.registry.use_ema) as tuned:
-            model.load_state_dict(tuned.load())
-        scores[stage] = evaluate_model(model, spec, val, batch_size=bs)
+        opts = _eval_options(plan.wf, cfg)
+        if opts["workers"]:
+            runner.ensure_ray(cfg)     # the workflow's one Ray (started here when training was skipped)
+        tuned = _tuned_ref(result.stages[stage].run_id, plan.wf.registry.use_ema, spec)
+        scores[stage] = _score(tuned, spec, val, opts)
         line = f"[workflow] evaluate: {stage} {metric} {scores[stage][metric]:.4f}"
+        if plan.wf.evaluate.workers != 0:
+            line += f" ({opts['workers']} workers, {opts['precision']})"
         if plan.wf.evaluate.baseline and source.num_classes == spec.num_classes:
+            # the driver adapts the source (resized tables): the workers get it through the object store
             pretrained = pretrained if pretrained is not None else source.load()
+            model = spec.build()
             sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model,
                           state_dict=pretrained, architecture=cfg.model.architecture())
             model.load_state_dict(sd, strict=False)
-            untuned = scores[f"{stage}/pretrained_untuned"] = evaluate_model(model, spec, val, batch_size=bs)
+            ref = ModelRef.from_model(model, spec) if opts["workers"] else None
+            untuned = scores[f"{stage}/pretrained_untuned"] = _score(ref, spec, val, opts, model=model)
             line += f" (pretrained, resized, not fine-tuned: {untuned[metric]:.4f})"
         say(line)
     return {"val": val, "metric": metric, "scores": scores}
@@ -395,14 +445,17 @@ def _register(plan: Plan, result: WorkflowResult, run_id: str, pick: str, val: s
     return {"version": str(mv.version), "model_uri": info.model_uri, "name": wf.registry.name, "stage": pick}
 
 
-def _promote(plan: Plan, book: Book, run_id: str, version: str, val: str) -> dict[str, Any]:
+def _promote(plan: Plan, runner: Runner, run_id: str, version: str, val: str) -> dict[str, Any]:
     from pipeline.promote import promote
 
     p = plan.wf.promote
+    opts = _eval_options(plan.wf, plan.finetune[-1].config)     # scored where the evaluate stage scores
+    if opts["workers"]:
+        runner.ensure_ray(plan.finetune[-1].config)
     d = promote(plan.wf.registry.name, version, val=val, alias=p.alias, margin=p.margin,
-                metric=p.metric, significance=p.significance, batch_size=plan.wf.evaluate.batch_size)
+                metric=p.metric, significance=p.significance, batch_size=opts.pop("batch_size"), eval_options=opts)
     for k, v in d.to_dict().items():
-        book.c.set_tag(run_id, f"promotion.{k}", str(v))
+        runner.book.c.set_tag(run_id, f"promotion.{k}", str(v))
     say(f"[workflow] promote: {d.action} (candidate {d.candidate_score}, champion {d.champion_score}); "
         f"{p.alias} -> version {d.champion_after}")
     return d.to_dict()
@@ -438,7 +491,7 @@ def run_workflow(wf: WorkflowConfig, base: Path | None = None) -> WorkflowResult
         val_index = ShardIndex.load(val)
         ev_key = key_of("evaluate", [stage.key for stage in plan.finetune], val_index.fingerprint(),
                         wf.evaluate.model_dump())
-        runner.stage("evaluate", ev_key, lambda _: _evaluate(plan, result, source, val, val_index))
+        runner.stage("evaluate", ev_key, lambda _: _evaluate(plan, runner, source, val, val_index))
 
         ev = result.outputs("evaluate")
         names = [stage.name for stage in plan.finetune]
@@ -449,7 +502,7 @@ def run_workflow(wf: WorkflowConfig, base: Path | None = None) -> WorkflowResult
                                lambda run_id: _register(plan, result, run_id, pick, val, val_index))["version"]
         if wf.promote.enabled:
             pr_key = key_of("promote", reg_key, wf.promote.model_dump())
-            runner.stage("promote", pr_key, lambda run_id: _promote(plan, book, run_id, version, val))
+            runner.stage("promote", pr_key, lambda run_id: _promote(plan, runner, run_id, version, val))
     book.c.set_tag(book.parent, "workflow.registered_version", str(version))
     book.c.set_terminated(book.parent, "FINISHED")
     return result

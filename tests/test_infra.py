@@ -406,3 +406,130 @@ def test_rayjob_runs_an_existing_workflow_config():
     config = ROOT / argv[argv.index("--config") + 1]
     assert config.is_file() and config.name.startswith("workflow_")
     assert config in CONFIGS  # so test_each_workflow_plans covers it
+
+
+# ------------------------------------------------------------------- cluster sizes vs recipes
+
+CLUSTERS = yaml.safe_load((INFRA / "clusters.yaml").read_text())["clusters"]
+
+
+def _run_configs(entry) -> list[tuple[str, object]]:
+    """(label, Config) of every training stage an entry of a cluster's ``runs`` stands for."""
+    from pipeline.config import load_config
+    from pipeline.workflow import load_workflow, plan_stages
+
+    if isinstance(entry, dict):
+        return [(f"{entry['config']} {' '.join(entry.get('overrides', []))}",
+                 load_config(ROOT / entry["config"], entry.get("overrides", [])))]
+    paths = sorted(ROOT.glob(entry))
+    assert paths, f"infra/clusters.yaml: {entry} names no file"
+    out = []
+    for p in paths:
+        if p.name.startswith("workflow_"):
+            plan = plan_stages(*load_workflow(str(p)))
+            out += [(f"{p.name}:{s.name}", s.config) for s in [plan.pretrain, *plan.finetune] if s]
+        else:
+            out.append((p.name, load_config(p)))
+    return out
+
+
+def _cluster_runs():
+    return [(name, label, cfg) for name, c in CLUSTERS.items() for entry in c["runs"]
+            for label, cfg in _run_configs(entry)]
+
+
+def _group(cluster: dict, cfg, label: str) -> dict:
+    s = cfg.scaling
+    assert s.use_gpu and s.accelerator_type, f"{label}: a GPU cluster's recipe names scaling.accelerator_type"
+    groups = [g for g in cluster["groups"].values() if g["accelerator_type"] == s.accelerator_type]
+    assert len(groups) == 1, f"{label}: {len(groups)} groups of {s.accelerator_type} in {cluster['file']}"
+    return groups[0]
+
+
+def test_cluster_files_say_what_clusters_yaml_says():
+    from pipeline.capacity import GPUS
+
+    files = {c["file"] for c in CLUSTERS.values()}
+    assert files == {str(p.relative_to(ROOT)) for p in [RAY_CLUSTER, KUBERAY / "raycluster.yaml",
+                                                        KUBERAY / "rayjob.yaml"]}
+    for name, c in CLUSTERS.items():
+        groups = c["groups"]
+        for gname, g in groups.items():
+            assert g["gpu"] in GPUS and g["instance"] in GPUS[g["gpu"]].note, (name, gname)
+        if c["file"].endswith("aws-gpu-cluster.yaml"):
+            (cfg,) = _load_yaml(ROOT / c["file"])
+            assert "," not in cfg["provider"]["availability_zone"], "one zone: a placement group lives in one AZ"
+            types = {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+            assert set(types) == set(groups)
+            assert cfg["max_workers"] == sum(g["nodes"] for g in groups.values())
+            pgs = [t["node_config"]["Placement"]["GroupName"] for t in types.values()]
+            assert len(set(pgs)) == len(pgs), "one placement group per node type"
+            for gname, g in groups.items():
+                t = types[gname]
+                assert t["node_config"]["InstanceType"] == g["instance"] and t["max_workers"] == g["nodes"]
+                assert t["resources"] == {"CPU": g["cpus_per_node"], "GPU": g["gpus_per_node"],
+                                          f"accelerator_type:{g['accelerator_type']}": 1}, gname
+            continue
+        (doc,) = [d for d in _load_yaml(ROOT / c["file"]) if d["kind"] in ("RayCluster", "RayJob")]
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        specs = {w["groupName"]: w for w in spec["workerGroupSpecs"]}
+        assert set(specs) == set(groups), name
+        for gname, g in groups.items():
+            w = specs[gname]
+            (box,) = w["template"]["spec"]["containers"]
+            assert w["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"] == g["instance"]
+            assert int(box["resources"]["limits"]["nvidia.com/gpu"]) == g["gpus_per_node"]
+            assert int(box["resources"]["limits"]["cpu"]) == g["cpus_per_node"]
+            assert w["maxReplicas"] == g["nodes"]
+            if doc["kind"] == "RayJob" or not spec.get("enableInTreeAutoscaling"):   # a fixed gang
+                assert w["replicas"] == w["minReplicas"] == g["nodes"], gname
+            assert w["resources"] == {f"accelerator_type:{g['accelerator_type']}": "1"}, gname
+    # the RayJob's entrypoint is among what its cluster runs
+    (job,) = _docs("RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[argv.index("--config") + 1] in CLUSTERS["kuberay-workflow"]["runs"]
+
+
+def test_every_recipe_and_workflow_fits_the_clusters_that_run_it():
+    """Worker count, GPU type and CPUs of every stage a cluster runs; every GPU recipe is run somewhere."""
+    seen = set()
+    for name, label, cfg in _cluster_runs():
+        c = CLUSTERS[name]
+        g = _group(c, cfg, label)
+        s = cfg.scaling
+        assert s.num_workers <= g["nodes"] * g["gpus_per_node"], \
+            f"{label}: {s.num_workers} workers, {name} holds {g['nodes'] * g['gpus_per_node']} {g['gpu']}"
+        assert s.cpus_per_worker * g["gpus_per_node"] <= g["cpus_per_node"], label
+        seen.add(label.split(":")[0].split(" ")[0])
+    gpu_recipes = {p.name for p in CONFIGS if not p.name.startswith("workflow_")
+                   and _run_configs(str(p.relative_to(ROOT)))[0][1].scaling.use_gpu}
+    assert gpu_recipes <= seen, f"recipes no cluster runs: {sorted(gpu_recipes - seen)}"
+
+
+@pytest.mark.slow    # the planner measures activations of each variant and resolution (meta device)
+def test_every_recipe_fits_the_gpu_memory_of_its_cluster():
+    import functools
+
+    from pipeline.activations import activation_model
+    from pipeline.capacity import DEFAULT_HEADROOM, GPUS, ZeroSettings, model_facts, zero3_memory
+    from pipeline.engine import deepspeed_config
+
+    act = functools.lru_cache(maxsize=None)(activation_model)
+    checked = {}
+    for name, label, cfg in _cluster_runs():
+        g = _group(CLUSTERS[name], cfg, label)
+        m, s = cfg.model, cfg.scaling
+        arch = tuple(sorted(m.architecture().items()))
+        key = (m.variant, m.img_size, arch, s.num_workers, cfg.train.micro_batch, m.grad_checkpointing,
+               cfg.deepspeed.offload, g["gpu"])
+        if key in checked:
+            continue
+        zero = ZeroSettings.from_deepspeed_config(deepspeed_config(cfg))
+        facts = model_facts(m.variant, m.img_size, zero.param_persistence_threshold, arch)
+        mem = zero3_memory(facts, s.num_workers, cfg.train.micro_batch, act(m.variant, m.img_size, architecture=arch),
+                           zero, m.grad_checkpointing, g["gpus_per_node"])
+        usable = GPUS[g["gpu"]].memory_bytes * (1 - DEFAULT_HEADROOM)
+        checked[key] = mem.total
+        assert mem.total <= usable, (f"{label} on {name}/{g['gpu']}: {mem.total / 2**30:.1f} GiB per GPU "
+                                     f"at micro-batch {cfg.train.micro_batch}, {usable / 2**30:.1f} usable")
+    assert len(checked) >= 10

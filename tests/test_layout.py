@@ -11,11 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # lowest first; a module may import modules of its own rank only inside its package (data/*)
 ORDER = [
     ["pipeline.errors", "pipeline.redact", "pipeline.retry", "pipeline.cluster", "pipeline.elastic"],
+    ["pipeline.placement"],
     ["models"],
     ["pipeline.data", "pipeline.activations", "pipeline.roofline"],
     ["pipeline.config", "pipeline.console", "pipeline.tracking", "pipeline.capacity"],
     ["pipeline.weights", "pipeline.checkpoint", "pipeline.spec"],
     ["pipeline.engine", "pipeline.evaluate", "pipeline.registry"],
+    ["pipeline.evaluate_ray"],
     ["pipeline.train", "pipeline.promote", "pipeline.predict"],
     ["pipeline.launch"],
     ["pipeline.finetune"],
