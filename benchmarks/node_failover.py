@@ -43,10 +43,13 @@ from helpers import (  # noqa: E402  (the tests' cluster helpers: the same head 
 )
 
 
-def first_step_after(keys_dir: str, t0: float) -> float:
+def first_step_after(keys_dir: str, t0: float, resumed_from: int) -> float:
+    """Seconds from ``t0`` to the first step of the attempt that resumed from ``resumed_from`` (a
+    surviving rank of the dead group may still log the step it was in after ``t0``)."""
     times = []
     for path in glob.glob(f"{keys_dir}/keys.rank*.jsonl"):
-        times += [r["t"] for r in map(json.loads, Path(path).read_text().splitlines()) if r["t"] > t0]
+        times += [r["t"] for r in map(json.loads, Path(path).read_text().splitlines())
+                  if r["t"] > t0 and r["start"] == resumed_from]
     return min(times) - t0 if times else float("nan")
 
 
@@ -72,7 +75,7 @@ def one_run(head: RayHead, data: str, work: Path, settle: str | None) -> float:
         Path(gate).touch()
         if job.wait(timeout=600) != 0:
             raise RuntimeError((work / "job.log").read_text()[-3000:])
-        return first_step_after(keys_dir, t_died)
+        return first_step_after(keys_dir, t_died, resumed_from=4)
     finally:
         if job.poll() is None:
             job.kill()
