@@ -283,16 +283,10 @@ def load_ema(directory: str, engine, *, rank: int, saved_world: int | None) -> l
 # Finding checkpoints of a run
 # --------------------------------------------------------------------------------------------
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The checkpoint a re-run of the Ray run at ``run_dir`` (local path or URL) resumes from:
-    the one Ray registered last (``registered_checkpoint``), else the newest complete folder
-    (``latest_complete``). None when there is none."""
-    return registered_checkpoint(run_dir) or latest_complete(run_dir)
-
-
 def registered_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray's snapshot file names: Ray registers a checkpoint only once every rank has
-    uploaded its part, and resumes a re-run from it by itself. None without a snapshot."""
+    uploaded its part, and resumes a re-run from it by itself. None without a snapshot (then a
+    re-run resumes from ``latest_complete``: ``launch.run``)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(run_dir)

@@ -76,16 +76,15 @@ class GrowRequests:
         _put(self.key, {**request, "answered": True, "step": step})
         self.answered = request["id"]
 
-    def wait_for_restart(self, timeout_s: float, poll_s: float = 0.2) -> bool:
+    def wait_for_restart(self, timeout_s: float, poll_s: float = 0.2) -> None:
         """Wait, after answering, for the controller to stop this group (the process ends here);
-        False when it withdrew its request (the resources went away) or did not act in time."""
+        returns when it withdrew its request (the resources went away) or did not act in time."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             request = _get(self.key)
             if request is None or request.get("id") != self.answered:
-                return False
+                return
             time.sleep(poll_s)
-        return False
 
 
 def node_death_detection_s() -> float:

@@ -8,7 +8,7 @@ def test_latest_checkpoint_never_picks_an_interrupted_save(tmp_path):
     a folder where a kill left only some ranks' files is passed over until it is whole."""
     import json
 
-    from pipeline.checkpoint import STATE_FILE, latest_checkpoint
+    from pipeline.checkpoint import STATE_FILE, latest_complete, registered_checkpoint
 
     def write(step: int, ranks: list[int], world: int = 2) -> None:
         d = tmp_path / f"checkpoint_{step:08d}"
@@ -18,17 +18,18 @@ def test_latest_checkpoint_never_picks_an_interrupted_save(tmp_path):
             (d / "ds" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
             (d / "ds" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
 
-    assert latest_checkpoint(str(tmp_path)) is None
+    assert latest_complete(str(tmp_path)) is None and registered_checkpoint(str(tmp_path)) is None
     write(2, [0, 1])
     write(4, [0])                                   # rank 1 died during the save of step 4
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    assert latest_complete(str(tmp_path)).endswith("checkpoint_00000002")
     (tmp_path / "checkpoint_00000006").mkdir()      # a save that wrote nothing yet
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")
+    assert latest_complete(str(tmp_path)).endswith("checkpoint_00000002")
     write(4, [1])                                   # the re-done save completes it
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000004")
+    assert latest_complete(str(tmp_path)).endswith("checkpoint_00000004")
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(
         json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000002"}}))
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")   # Ray's record first
+    assert registered_checkpoint(str(tmp_path)).endswith("checkpoint_00000002")   # Ray's record, read first
+    assert latest_complete(str(tmp_path)).endswith("checkpoint_00000004")        # (the fallback without it)
 
 
 def test_a_resumed_attempt_clears_the_saves_it_will_redo(tmp_path):
