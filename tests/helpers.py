@@ -384,3 +384,44 @@ def write_index(root: Path, shards: list[list[tuple[str, dict[str, bytes]]]], cl
     index = ShardIndex(root=str(root), shards=tuple(infos), class_names=tuple(class_names))
     index.save()
     return index
+
+
+def train_tiny(shards: Path, steps: int, seed: int, *, variant: str = "coatnet_pico", img_size: int = 32,
+               one_cycle_max_lr: float | None = None):
+    """A tiny CoAtNet trained in plain PyTorch (AdamW, lr 3e-3; with ``one_cycle_max_lr`` a one-cycle
+    schedule) on the demo train split under ``shards``, one thread; returns (model in eval mode, spec)."""
+    import torch
+    import torch.nn.functional as F
+
+    import models
+    from pipeline.data import AugmentConfig, ShardIndex, StreamingLoader
+    from pipeline.spec import ModelSpec
+
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)           # 2 shared cores: one thread is faster than two fighting
+    idx = ShardIndex.load(str(Path(shards) / "train"))
+    model = models.create_model(variant, num_classes=idx.num_classes, img_size=img_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=one_cycle_max_lr, total_steps=max(2, steps),
+                                                 pct_start=0.15) if one_cycle_max_lr and steps > 1 else None)
+    augment = AugmentConfig(randaug_n=0, mixup_alpha=0.0, label_smoothing=0.0, crop_scale=(0.6, 1.0))
+    loader = StreamingLoader(idx, rank=0, world_size=1, batch_size=32, img_size=img_size, train=True,
+                             seed=seed, num_workers=0, augment=augment)
+    step, epoch = 0, 0
+    model.train()
+    while step < steps:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            loss = F.cross_entropy(model(batch.images), batch.labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            if step >= steps:
+                break
+        epoch += 1
+    torch.set_num_threads(threads)
+    return model.eval(), ModelSpec.for_data(model, variant, idx, augment)

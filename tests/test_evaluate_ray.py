@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import train_tiny
 
 pytestmark = pytest.mark.slow       # starts Ray
 
@@ -21,34 +21,6 @@ def shards(tmp_path_factory):
     return root
 
 
-def _train(shards, steps: int, seed: int):
-    import models
-    from pipeline.data import AugmentConfig, ShardIndex, StreamingLoader
-    from pipeline.spec import ModelSpec
-
-    torch.manual_seed(seed)
-    idx = ShardIndex.load(str(shards / "train"))
-    model = models.create_model(VARIANT, num_classes=idx.num_classes, img_size=IMG)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    augment = AugmentConfig(randaug_n=0, mixup_alpha=0.0, label_smoothing=0.0, crop_scale=(0.6, 1.0))
-    loader = StreamingLoader(idx, batch_size=32, img_size=IMG, train=True, seed=seed, num_workers=0,
-                             augment=augment)
-    step, epoch = 0, 0
-    model.train()
-    while step < steps:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            loss = F.cross_entropy(model(batch.images), batch.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= steps:
-                break
-        epoch += 1
-    return model.eval(), ModelSpec.for_data(model, VARIANT, idx, augment)
-
-
 @pytest.fixture(scope="module")
 def registry(shards, tmp_path_factory):
     """Two versions of each of two names (v1: trained 60 steps, v2: 1 step) in a SQLite registry."""
@@ -61,7 +33,7 @@ def registry(shards, tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     exp = mlflow.create_experiment("eval-ray", artifact_location=str(tmp / "artifacts"))
     mlflow.set_experiment(experiment_id=exp)
-    models = [_train(shards, 60, 0), _train(shards, 1, 1)]
+    models = [train_tiny(shards, 60, 0), train_tiny(shards, 1, 1)]
     for name in ("local", "cluster"):
         for model, spec in models:
             with mlflow.start_run():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "coatnet-test"
@@ -54,50 +55,14 @@ def shards(tmp_path_factory):
     return root
 
 
-def _train(shards: Path, steps: int, seed: int):
-    """A tiny CoAtNet trained in plain PyTorch on the demo train split; returns (model, spec)."""
-    import models
-    from pipeline.data import AugmentConfig, ShardIndex, StreamingLoader
-    from pipeline.spec import ModelSpec
-
-    torch.manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)           # 2 shared cores: one thread is faster than two fighting
-    idx = ShardIndex.load(str(shards / "train"))
-    model = models.create_model(VARIANT, num_classes=idx.num_classes, img_size=IMG)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=max(2, steps), pct_start=0.15)
-    augment = AugmentConfig(randaug_n=0, mixup_alpha=0.0, label_smoothing=0.0, crop_scale=(0.6, 1.0))
-    loader = StreamingLoader(idx, rank=0, world_size=1, batch_size=32, img_size=IMG, train=True,
-                             seed=seed, num_workers=0, augment=augment)
-    step, epoch = 0, 0
-    model.train()
-    while step < steps:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            loss = F.cross_entropy(model(batch.images), batch.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if steps > 1:
-                sched.step()
-            step += 1
-            if step >= steps:
-                break
-        epoch += 1
-    torch.set_num_threads(threads)
-    spec = ModelSpec.for_data(model, VARIANT, idx, augment)
-    return model.eval(), spec
-
-
 @pytest.fixture(scope="module")
 def trained(shards):
-    return _train(shards, steps=180, seed=0)
+    return train_tiny(shards, 180, 0, one_cycle_max_lr=4e-3)
 
 
 @pytest.fixture(scope="module")
 def untrained(shards):
-    return _train(shards, steps=1, seed=1)
+    return train_tiny(shards, 1, 1)
 
 
 @pytest.fixture
