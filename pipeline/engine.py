@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -70,29 +71,91 @@ def _merge(a: dict, b: dict) -> dict:
 
 def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     """The variant from ``models.create_model``; under ``deepspeed.zero.Init`` when ``model.zero_init``
-    (built already partitioned: needed when one rank cannot hold the full model). With
-    ``init.from_checkpoint`` the weights are loaded (tables resized, new head re-initialised)."""
+    (built already partitioned: needed when one rank cannot hold the full model). Initial weights
+    (``init.from_checkpoint``) come later, into the engine's partitions: ``load_init_weights``."""
     import deepspeed
 
     import models
-    from pipeline.weights import adapt_state_dict, load_weights
 
     m = cfg.model
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=m.zero_init):
-        model = models.create_model(m.variant, num_classes=m.num_classes, img_size=m.img_size,
-                                    drop_path_rate=m.drop_path_rate, attn_backend=m.attn_backend,
-                                    grad_checkpointing=m.grad_checkpointing, **m.architecture())
-    if cfg.init.from_checkpoint:
-        sd = load_weights(cfg.init.from_checkpoint)
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0,
-                                               enabled=m.zero_init):
-            if not m.zero_init or dist.get_rank() == 0:
-                sd, dropped = adapt_state_dict(model, sd, img_size=m.img_size,
-                                                reset_head=cfg.init.reset_head, strict=cfg.init.strict)
-                model.load_state_dict(sd, strict=False)
-                if dropped:
-                    print(f"init: re-initialised {len(dropped)} tensors (new head/shape): {dropped[:4]}")
-    return model
+        return models.create_model(m.variant, num_classes=m.num_classes, img_size=m.img_size,
+                                   drop_path_rate=m.drop_path_rate, attn_backend=m.attn_backend,
+                                   grad_checkpointing=m.grad_checkpointing, **m.architecture())
+
+
+def load_init_weights(engine, cfg: Config) -> "InitLoad":
+    """Fine-tuning's source weights (``init.from_checkpoint``) streamed into this rank's ZeRO-3
+    partitions, one parameter at a time: the rank reads only the elements it owns (a ranged read
+    per partition, ``weights.WeightReader``), so a model is never whole on any rank and the ranks
+    together read it once. The surgery is ``weights.adapt_state_dict``'s, planned on the files'
+    headers against a meta-device network: bias tables (small) are read whole and resized, a head
+    that does not fit is left as initialised. Written are the optimizer's fp32 master partition
+    (exact: not rounded through bf16, which DeepSpeed's masters would be if the module were loaded
+    before ``initialize``), the bf16 copy the forward uses, the persistent parameters re-gathered,
+    and the buffers (BatchNorm statistics, whole on every rank). Every rank calls it after
+    ``deepspeed.initialize``; a parameter swapped to NVMe (``deepspeed.offload=nvme``) is refused."""
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    import models
+    from pipeline.weights import WeightReader, adapt_state_dict
+
+    m = cfg.model
+    reader = WeightReader(cfg.init.from_checkpoint)
+    source = reader.shapes()
+    for name in source:                       # tables: small, resized on real values
+        if name.endswith("relative_position_bias_table"):
+            source[name] = reader.tensor(name).float()
+    network = models.create_model(m.variant, num_classes=m.num_classes, img_size=m.img_size,
+                                  device="meta", **m.architecture())
+    planned, dropped = adapt_state_dict(network, source, img_size=m.img_size,
+                                        reset_head=cfg.init.reset_head, strict=cfg.init.strict)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def values(name: str, start: int, stop: int) -> torch.Tensor:
+        t = planned[name]
+        return (reader.read(name, start, stop) if t.is_meta else t.flatten()[start:stop]).float()
+
+    module = engine.module
+    persistent = []
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name not in planned:            # re-initialised head, or (not strict) left out
+                continue
+            if not hasattr(p, "ds_tensor"):    # not partitioned: the whole tensor
+                p.data.copy_(values(name, 0, p.numel()).view(p.shape))
+                continue
+            if p.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE:
+                raise RuntimeError(f"init.from_checkpoint: {name} is swapped to NVMe; fine-tune with "
+                                   "deepspeed.offload=cpu or none")
+            size = p.ds_tensor.numel()         # DeepSpeed pads the last rank's partition
+            start = min(rank * size, p.ds_numel)
+            stop = min(start + size, p.ds_numel)
+            part = torch.zeros(size, dtype=torch.float32)
+            part[:stop - start] = values(name, start, stop)
+            p.ds_tensor.data.copy_(part.to(p.ds_tensor.device, p.ds_tensor.dtype))
+            if p.requires_grad and getattr(p, "_z3_optimizer", None) is not None:
+                safe_set_local_fp32_param(p, part.to(p.ds_tensor.device))
+            if getattr(p, "ds_persist", False):
+                persistent.append(p)
+        if persistent:                         # kept whole on every rank: gathered again
+            persistent[0].all_gather(persistent)
+        for prefix, sub in module.named_modules():
+            for bname, b in sub._buffers.items():
+                key = f"{prefix}.{bname}" if prefix else bname
+                if b is not None and key in planned:
+                    b.copy_(values(key, 0, b.numel()).view(b.shape).to(b.dtype))
+    return InitLoad(source=cfg.init.from_checkpoint, dropped=dropped, bytes_read=reader.bytes_read)
+
+
+@dataclass(frozen=True)
+class InitLoad:
+    """What ``load_init_weights`` did on this rank."""
+
+    source: str
+    dropped: list[str]        # re-initialised (new head) or left out (not strict)
+    bytes_read: int           # tensor bytes this rank fetched: about the model's size / world size
 
 
 def full_shape(p: torch.nn.Parameter) -> torch.Size:

@@ -4,7 +4,8 @@
 
 ``train_loop_per_worker(task)`` is what ``pipeline.launch`` hands to ``TorchTrainer``; ``task`` is
 the ``TrainTask`` the driver built (``launch.prepare``). A fine-tuning stage reuses it as-is with
-``init.from_checkpoint`` set (``pipeline.engine.build_model`` resizes tables and swaps the head).
+``init.from_checkpoint`` set (``pipeline.engine.load_init_weights`` streams the source into each
+rank's partitions, tables resized, a new head left as initialised; skipped when resuming).
 Extra behaviour (profilers, the tests' probes) comes in as ``Callback`` objects named by
 ``train.callbacks``; the loop itself has no test-only knobs.
 """
@@ -26,7 +27,8 @@ from pipeline import checkpoint, tracking
 from pipeline.checkpoint import TrainState
 from pipeline.config import CallbackSpec, Config
 from pipeline.elastic import GrowRequests
-from pipeline.engine import build_engine, compute_dtype, deepspeed_config, export_weights, master_partitions, swapped_in
+from pipeline.engine import (build_engine, compute_dtype, deepspeed_config, export_weights, load_init_weights,
+                             master_partitions, swapped_in)
 from pipeline.evaluate import Scores
 from pipeline.redact import redact, redact_values
 from pipeline.tracking import MetricsLogger, SystemMetrics
@@ -299,6 +301,13 @@ def train_loop_per_worker(task: TrainTask) -> None:
             ds_config["checkpoint"] = {"load_universal": True}
         engine, optimizer = build_engine(cfg, ds_config)
         ema = None
+        if saved is None and cfg.init.from_checkpoint:     # a resume overwrites them: read only when new
+            init = load_init_weights(engine, cfg)
+            if rank == 0:
+                task.say(f"init: {cfg.init.from_checkpoint} streamed into the partitions "
+                         f"({init.bytes_read / 2**20:.0f} MiB read by rank 0 of {world})"
+                         + (f"; re-initialised {len(init.dropped)} tensors (new head/shape): "
+                            f"{init.dropped[:4]}" if init.dropped else ""))
         if saved is not None:
             universal, convert_s = None, 0.0
             if reshard:

@@ -9,6 +9,7 @@ read with ``torch.load(weights_only=True)``. Nothing is ever unpickled.
     write_weights(url, state_dict.items())                  # any (name, tensor) stream, sharded
     consolidate_to(checkpoint_folder, out)                  # ZeRO-3 shards -> fp32 files, streamed
     sd = load_weights(url); shapes = weight_shapes(url)     # whole state dict; meta tensors only
+    WeightReader(url).read(name, start, stop)               # a tensor's element range: one ranged read
     copy_weights(src, dest)                                 # file by file, any two storages
 
 Every writer here holds at most one output shard (``max_shard_bytes``) in memory: a coatnet_7 is
@@ -161,20 +162,66 @@ def weight_shapes(url: str) -> dict[str, torch.Tensor]:
     """Meta tensors (names, shapes, dtypes, no data) of the weights at ``url``, from the
     safetensors headers alone (8 bytes plus the JSON header of each file): a driver checks a 10 GB
     model against a network without reading it. A legacy .pt file is read whole."""
-    import fsspec
+    return WeightReader(url).shapes()
 
-    out: dict[str, torch.Tensor] = {}
-    for file in weight_files(url):
-        with fsspec.open(file, "rb") as f:
+
+class WeightReader:
+    """Single tensors, or a flat range of a tensor's elements, read from the weights at ``url``
+    without reading anything else: each safetensors file's header is read once, then a range is one
+    ranged read of its bytes (``fs.cat_file(start=, end=)``: an HTTP range request on object
+    storage). A ZeRO-3 rank reads only the elements of its partitions this way
+    (``engine.load_init_weights``). ``bytes_read`` counts the tensor bytes fetched. A legacy .pt file
+    has no offsets: it is loaded whole once (small, old models only).
+
+        reader = WeightReader(url)
+        reader.shapes()                      # {name: meta tensor}
+        reader.read("stem.conv1.weight", 0, 4096)    # elements [0, 4096) of the flattened tensor
+        reader.tensor("head.fc.bias")        # the whole tensor, in its shape"""
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.bytes_read = 0
+        self._where: dict[str, tuple[Any, str, int, torch.dtype, torch.Size]] = {}
+        self._loaded: dict[str, torch.Tensor] = {}       # legacy .pt files
+        for file in weight_files(url):
+            fs, path = fsspec.core.url_to_fs(file)
             if not file.endswith(".safetensors"):
-                out.update(torch.load(f, map_location="meta", weights_only=True))
+                with fs.open(path, "rb") as f:
+                    self._loaded.update(torch.load(f, map_location="cpu", weights_only=True))
                 continue
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                out[name] = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]], device="meta")
-    return out
+            with fs.open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    begin = 8 + size + info["data_offsets"][0]
+                    self._where[name] = (fs, path, begin, _SAFETENSORS_DTYPES[info["dtype"]],
+                                         torch.Size(info["shape"]))
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        out = {name: torch.empty(shape, dtype=dtype, device="meta")
+               for name, (_, _, _, dtype, shape) in self._where.items()}
+        out.update({name: t.to("meta") for name, t in self._loaded.items()})
+        return out
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor ``name``, 1-D, in its stored dtype."""
+        if name in self._loaded:
+            return self._loaded[name].flatten()[start:stop].clone()
+        fs, path, begin, dtype, shape = self._where[name]
+        stop = shape.numel() if stop is None else min(stop, shape.numel())
+        if stop <= start:
+            return torch.empty(0, dtype=dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        data = bytearray(fs.cat_file(path, start=begin + start * itemsize, end=begin + stop * itemsize))
+        self.bytes_read += len(data)
+        return torch.frombuffer(data, dtype=dtype)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name`` in its shape."""
+        shape = self._loaded[name].shape if name in self._loaded else self._where[name][4]
+        return self.read(name).view(shape)
 
 
 def _arrow_fs(url: str):
