@@ -87,7 +87,7 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
 def load_init_weights(engine, cfg: Config) -> "InitLoad":
     """Fine-tuning's source weights (``init.from_checkpoint``) streamed into this rank's ZeRO-3
     partitions, one parameter at a time: the rank reads only the elements it owns (a ranged read
-    per partition, ``weights.WeightReader``), so a model is never whole on any rank and the ranks
+    per partition, ``weights.WeightReader``, ~64 MB of them fetched together), so a model is never whole on any rank and the ranks
     together read it once. The surgery is ``weights.adapt_state_dict``'s, planned on the files'
     headers against a meta-device network: bias tables (small) are read whole and resized, a head
     that does not fit is left as initialised. Written are the optimizer's fp32 master partition
@@ -113,39 +113,57 @@ def load_init_weights(engine, cfg: Config) -> "InitLoad":
                                         reset_head=cfg.init.reset_head, strict=cfg.init.strict)
     rank = dist.get_rank() if dist.is_initialized() else 0
 
-    def values(name: str, start: int, stop: int) -> torch.Tensor:
-        t = planned[name]
-        return (reader.read(name, start, stop) if t.is_meta else t.flatten()[start:stop]).float()
-
+    # what this rank writes: (the tensor it goes to, the source name, the element range of the flat
+    # source tensor); a parameter not in ``planned`` is a re-initialised head (or, not strict, left out)
     module = engine.module
+    targets: list[tuple[torch.Tensor, str, int, int]] = []
     persistent = []
+    for name, p in module.named_parameters():
+        if name not in planned:
+            continue
+        if not hasattr(p, "ds_tensor"):        # not partitioned: the whole tensor
+            targets.append((p, name, 0, p.numel()))
+            continue
+        if p.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE:
+            raise RuntimeError(f"init.from_checkpoint: {name} is swapped to NVMe; fine-tune with "
+                               "deepspeed.offload=cpu or none")
+        size = p.ds_tensor.numel()             # DeepSpeed pads the last rank's partition
+        start = min(rank * size, p.ds_numel)
+        targets.append((p, name, start, min(start + size, p.ds_numel)))
+        if getattr(p, "ds_persist", False):
+            persistent.append(p)
+    for prefix, sub in module.named_modules():
+        for bname, b in sub._buffers.items():
+            key = f"{prefix}.{bname}" if prefix else bname
+            if b is not None and key in planned:
+                targets.append((b, key, 0, b.numel()))
+
+    def write(target: torch.Tensor, values: torch.Tensor) -> None:
+        if not hasattr(target, "ds_tensor"):
+            target.copy_(values.view(target.shape).to(target.dtype))
+            return
+        part = torch.zeros(target.ds_tensor.numel(), dtype=torch.float32)
+        part[:values.numel()] = values
+        target.ds_tensor.data.copy_(part.to(target.ds_tensor.device, target.ds_tensor.dtype))
+        if target.requires_grad and getattr(target, "_z3_optimizer", None) is not None:
+            safe_set_local_fp32_param(target, part.to(target.ds_tensor.device))
+
+    def fetch(batch: list[tuple[torch.Tensor, str, int, int]]) -> None:
+        fetched = iter(reader.read_many([(n, a, b) for _, n, a, b in batch if planned[n].is_meta]))
+        for target, n, a, b in batch:
+            write(target, (next(fetched) if planned[n].is_meta else planned[n].flatten()[a:b]).float())
+
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name not in planned:            # re-initialised head, or (not strict) left out
-                continue
-            if not hasattr(p, "ds_tensor"):    # not partitioned: the whole tensor
-                p.data.copy_(values(name, 0, p.numel()).view(p.shape))
-                continue
-            if p.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE:
-                raise RuntimeError(f"init.from_checkpoint: {name} is swapped to NVMe; fine-tune with "
-                                   "deepspeed.offload=cpu or none")
-            size = p.ds_tensor.numel()         # DeepSpeed pads the last rank's partition
-            start = min(rank * size, p.ds_numel)
-            stop = min(start + size, p.ds_numel)
-            part = torch.zeros(size, dtype=torch.float32)
-            part[:stop - start] = values(name, start, stop)
-            p.ds_tensor.data.copy_(part.to(p.ds_tensor.device, p.ds_tensor.dtype))
-            if p.requires_grad and getattr(p, "_z3_optimizer", None) is not None:
-                safe_set_local_fp32_param(p, part.to(p.ds_tensor.device))
-            if getattr(p, "ds_persist", False):
-                persistent.append(p)
+        batch, batch_bytes = [], 0             # ranged reads in batches of ~64 MB, fetched together
+        for item in targets:
+            batch.append(item)
+            batch_bytes += (item[3] - item[2]) * 4
+            if batch_bytes >= 64 << 20:
+                fetch(batch)
+                batch, batch_bytes = [], 0
+        fetch(batch)
         if persistent:                         # kept whole on every rank: gathered again
             persistent[0].all_gather(persistent)
-        for prefix, sub in module.named_modules():
-            for bname, b in sub._buffers.items():
-                key = f"{prefix}.{bname}" if prefix else bname
-                if b is not None and key in planned:
-                    b.copy_(values(key, 0, b.numel()).view(b.shape).to(b.dtype))
     return InitLoad(source=cfg.init.from_checkpoint, dropped=dropped, bytes_read=reader.bytes_read)
 
 

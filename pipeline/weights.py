@@ -207,16 +207,33 @@ class WeightReader:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor ``name``, 1-D, in its stored dtype."""
-        if name in self._loaded:
-            return self._loaded[name].flatten()[start:stop].clone()
-        fs, path, begin, dtype, shape = self._where[name]
-        stop = shape.numel() if stop is None else min(stop, shape.numel())
-        if stop <= start:
-            return torch.empty(0, dtype=dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        data = bytearray(fs.cat_file(path, start=begin + start * itemsize, end=begin + stop * itemsize))
-        self.bytes_read += len(data)
-        return torch.frombuffer(data, dtype=dtype)
+        return self.read_many([(name, start, stop)])[0]
+
+    def read_many(self, ranges: Sequence[tuple[str, int, int | None]]) -> list[torch.Tensor]:
+        """``read`` for many (name, start, stop) at once: the ranges of one file system are fetched
+        together (``fs.cat_ranges``: concurrent requests on object storage, where one tensor after
+        another would pay a round trip each)."""
+        out: list[torch.Tensor | None] = [None] * len(ranges)
+        batches: dict[int, tuple[Any, list[tuple[int, str, int, int, torch.dtype]]]] = {}
+        for i, (name, start, stop) in enumerate(ranges):
+            if name in self._loaded:
+                out[i] = self._loaded[name].flatten()[start:stop].clone()
+                continue
+            fs, path, begin, dtype, shape = self._where[name]
+            stop = shape.numel() if stop is None else min(stop, shape.numel())
+            if stop <= start:
+                out[i] = torch.empty(0, dtype=dtype)
+                continue
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            batches.setdefault(id(fs), (fs, []))[1].append(
+                (i, path, begin + start * itemsize, begin + stop * itemsize, dtype))
+        for fs, items in batches.values():
+            data = fs.cat_ranges([p for _, p, _, _, _ in items], [b for _, _, b, _, _ in items],
+                                 [e for _, _, _, e, _ in items], on_error="raise")
+            for (i, _, _, _, dtype), raw in zip(items, data):
+                self.bytes_read += len(raw)
+                out[i] = torch.frombuffer(bytearray(raw), dtype=dtype)
+        return out
 
     def tensor(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` in its shape."""
