@@ -86,9 +86,9 @@ def build_model(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
 
 def load_init_weights(engine, cfg: Config) -> "InitLoad":
     """Fine-tuning's source weights (``init.from_checkpoint``) streamed into this rank's ZeRO-3
-    partitions, one parameter at a time: the rank reads only the elements it owns (a ranged read
-    per partition, ``weights.WeightReader``, ~64 MB of them fetched together), so a model is never whole on any rank and the ranks
-    together read it once. The surgery is ``weights.adapt_state_dict``'s, planned on the files'
+    partitions: the rank reads only the elements it owns (a ranged read per partition,
+    ``weights.WeightReader``, ~64 MB of them fetched together), so a model is never whole on any
+    rank and the ranks together read it once. The surgery is ``weights.adapt_state_dict``'s, planned on the files'
     headers against a meta-device network: bias tables (small) are read whole and resized, a head
     that does not fit is left as initialised. Written are the optimizer's fp32 master partition
     (exact: not rounded through bf16, which DeepSpeed's masters would be if the module were loaded
