@@ -12,7 +12,7 @@ final checkpoint's `weights/` export in the run storage. With `--store s3` a mot
 process; objects above 16 MB spill to unlinked files in its temp dir: ~5x the model of disk there
 until it stops) carries the run storage and the MLflow artifact root; with `--store local` both are
 folders under --workdir. The tracking store is SQLite. The old register step holds several copies
-of the model (coatnet_5: expect ~10x 2.75 GB of RAM; run it on an idle machine).
+of the model (6x at coatnet_0: ~16 GB of RAM at coatnet_5; run it on an idle machine).
 Each step runs in a fresh process (the "driver": torch, mlflow, ray.train and the pipeline imported
 first, as in a job, and the tracking store opened) with TMPDIR pointed at a fresh folder; it reports
 its peak RSS and peak anonymous RSS above that baseline and the peak bytes in its temp dir, all
