@@ -9,8 +9,10 @@ What happens (the training itself is the pretraining machinery, ``pipeline.launc
 
 1. ``resolve_source``: the reference becomes fp32 safetensors files plus what they are (variant,
    resolution, classes). ZeRO-3 checkpoints are streamed into files (``weights.consolidate_to``,
-   one output shard in memory at a time); MLflow runs give their ``weights/`` artifact; registered
-   models their files (``registry.fetch_model``). Nothing is loaded whole on the driver.
+   one output shard in memory at a time); MLflow runs give their ``weights/`` artifact and
+   registered models their files, read where they lie when the driver reaches the artifact store
+   (``weights.artifact_url``; a run's also from its final checkpoint), downloaded only otherwise
+   (``registry.fetch_model``). Nothing is loaded whole on the driver.
 2. ``stage_init``: checked against the fine-tuning config on the driver BEFORE any worker starts,
    on the meta device from the files' headers (no weight is read): same variant, every body tensor
    present with a fitting shape after the relative-position tables are resized
@@ -40,7 +42,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.errors import PipelineError
-from pipeline.weights import (EMA_WEIGHTS_DIR, WEIGHTS_DIR, IncompatibleWeights, adapt_state_dict,
+from pipeline.weights import (EMA_WEIGHTS_DIR, WEIGHTS_DIR, IncompatibleWeights, adapt_state_dict, artifact_url,
                               consolidate_to, copy_weights, load_weights, weight_files, weight_shapes)
 
 
@@ -156,10 +158,17 @@ def resolve_source(ref: str, *, tracking_uri: str | None = None, ema: bool = Tru
 
 
 def _from_mlflow_model(kind: str, uri: str) -> SourceModel:
-    from pipeline.registry import fetch_model
+    """A model we logged: its files where they lie when this process reaches the artifact store
+    (``registry.locate_model``), else downloaded into a scratch folder."""
+    from pipeline.registry import fetch_model, locate_model
 
-    with _source_scratch() as scratch:
-        files, spec, meta = fetch_model(uri, dst_path=scratch)
+    scratch = None
+    found = locate_model(uri)
+    if found is not None:
+        files, spec, meta = found
+    else:
+        with _source_scratch() as scratch:
+            files, spec, meta = fetch_model(uri, dst_path=scratch)
     return SourceModel(kind=kind, ref=uri, weights=files, variant=spec.variant,
                        preset=str(spec.overrides.get("preset", "timm")), img_size=int(spec.img_size[0]),
                        num_classes=int(spec.num_classes), class_names=list(spec.class_names),
@@ -172,9 +181,28 @@ def _from_registry(uri: str) -> SourceModel:
     return _from_mlflow_model("registry", uri)
 
 
+def run_weights(run, which: str) -> str | None:
+    """Where the run's ``which`` artifact (``weights/`` or ``weights_ema/``) can be read in place: in
+    the run's artifact location when this process reaches that store (``weights.artifact_url``), else
+    the same files the driver logged from, in the run's final checkpoint (tag ``coatnet.checkpoint``),
+    if they are still there. None: only a download reaches them."""
+    direct = artifact_url(f"{run.info.artifact_uri.rstrip('/')}/{which}")
+    if direct is not None:
+        return direct
+    ck = run.data.tags.get("coatnet.checkpoint")
+    if ck:
+        try:
+            weight_files(f"{ck.rstrip('/')}/{which}")
+            return f"{ck.rstrip('/')}/{which}"
+        except (FileNotFoundError, OSError):
+            pass
+    return None
+
+
 def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
     """A run's logged weights: its EMA model (``weights_ema/``) when it has one and ``ema``, else
-    ``weights/``, else its final checkpoint consolidated."""
+    ``weights/`` (read in place when reachable: ``run_weights``; else downloaded), else its final
+    checkpoint consolidated."""
     import mlflow
 
     from pipeline.registry import check_run
@@ -187,6 +215,8 @@ def _from_run(run_id: str, *, ema: bool = True) -> SourceModel:
     ck = tags.get("coatnet.checkpoint")
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     which = EMA_WEIGHTS_DIR if ema and EMA_WEIGHTS_DIR in names else WEIGHTS_DIR
+    if which in names and (in_place := run_weights(run, which)) is not None:
+        return SourceModel(kind="run", ref=run_id, weights=in_place, **known, parent_run_id=run_id, checkpoint=ck)
     if which in names:
         with _source_scratch() as scratch:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=which, dst_path=scratch)

@@ -1,5 +1,6 @@
 """Ray side of a training stage: preflight checks, Ray start/attach, TorchTrainer with
-ScalingConfig/RunConfig/FailureConfig/CheckpointConfig, ``fit``, then consolidation and MLflow.
+ScalingConfig/RunConfig/FailureConfig/CheckpointConfig, ``fit``, then publishing the final weights
+(storage to the MLflow run's artifacts, never through the driver's disk or memory).
 
     cfg = load_config(path, overrides)
     summary = run(cfg)            # -> RunSummary (checkpoint path, weights, MLflow run id, metrics)
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,7 @@ from pipeline.console import ProgressChannel, say
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy, call_with_retry
 from pipeline.train import TrainTask
-from pipeline.weights import EMA_WEIGHTS_DIR, WEIGHTS_DIR, consolidate_to
+from pipeline.weights import EMA_WEIGHTS_DIR, WEIGHTS_DIR, copy_to_artifacts, copy_weights
 
 
 @dataclass
@@ -267,40 +267,42 @@ def run(cfg: Config, *, stage: str = "pretrain", extra_tags: dict[str, str] | No
                       steps, metrics, resumed)
 
 
-def _publish_weights(cfg: Config, final_checkpoint, run_id: str, ck_path: str) -> tuple[int, str]:
+def _publish_weights(cfg: Config, final_checkpoint, run_id: str, ck_path: str) -> tuple[int, str | None]:
     """Log the final model to the MLflow run and finish it: the ``weights/`` (and, with an EMA,
-    ``weights_ema/``) folders the workers exported into the final checkpoint - only those are
-    fetched from storage, no ZeRO shard is read on the driver - and keep them beside the run on local
-    storage. Returns (the checkpoint's step, where the weights are: a folder or runs:/ URI)."""
+    ``weights_ema/``) folders the workers exported into the final checkpoint are copied from storage
+    straight into the run's artifact location (``weights.copy_to_artifacts``: storage to storage,
+    or through the tracking server's proxy one shard at a time; never the model on the driver), and
+    on local storage also beside the run. Returns (the checkpoint's step, where the weights are: a
+    folder or runs:/ URI; None for a final checkpoint without exported weights)."""
     import pyarrow.fs as pafs
 
     uri = cfg.tracking.tracking_uri
-    out_dir = tempfile.mkdtemp(prefix="weights-")
-    try:
-        fs, root = final_checkpoint.filesystem, final_checkpoint.path.rstrip("/")
-        with fs.open_input_stream(f"{root}/{checkpoint.STATE_FILE}") as f:
-            state = checkpoint.TrainState.from_dict(json.loads(f.read()))
-        logged = {}
-        for name in (WEIGHTS_DIR, EMA_WEIGHTS_DIR):
-            if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.Directory:
-                logged[name] = os.path.join(out_dir, name)
-                os.makedirs(logged[name])
-                pafs.copy_files(f"{root}/{name}", logged[name], source_filesystem=fs,
-                                destination_filesystem=pafs.LocalFileSystem())
-        if WEIGHTS_DIR not in logged:       # a checkpoint from before the workers exported weights
-            with final_checkpoint.as_directory() as d:
-                logged[WEIGHTS_DIR] = consolidate_to(d, os.path.join(out_dir, WEIGHTS_DIR), tag=checkpoint.DS_TAG)
-        call_with_retry(lambda: tracking.finish_run(uri, run_id, weights_dirs=logged, resolved=resolved_dict(cfg),
-                                                    tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"}),
-                        RetryPolicy(timeout_s=cfg.tracking.outage_timeout_s, initial_delay_s=1.0, max_delay_s=30.0),
-                        retry_on=lambda e: True, announce=say, service="tracking server",
-                        doing="finishing the run")
-        if is_remote(cfg.storage.storage_path):
-            return state.step, f"runs:/{run_id}/{WEIGHTS_DIR}"
-        run_dir = os.path.join(cfg.storage.storage_path, cfg.storage.name)
-        for name, folder in logged.items():
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-            shutil.copytree(folder, os.path.join(run_dir, name))
-        return state.step, os.path.join(run_dir, WEIGHTS_DIR)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    fs, root = final_checkpoint.filesystem, final_checkpoint.path.rstrip("/")
+    with fs.open_input_stream(f"{root}/{checkpoint.STATE_FILE}") as f:
+        state = checkpoint.TrainState.from_dict(json.loads(f.read()))
+    found = [name for name in (WEIGHTS_DIR, EMA_WEIGHTS_DIR)
+             if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.Directory]
+    if WEIGHTS_DIR not in found:
+        # every final checkpoint the workers write holds weights/ (train.py exports at the last step);
+        # one written before they did is not consolidated here (that needs the model on the driver)
+        say(f"note: {ck_path.rstrip('/').rsplit('/', 1)[-1]} holds no exported weights (written before the "
+            "workers exported them): none logged; fine-tune from the checkpoint folder instead")
+
+    def publish() -> None:
+        artifacts = tracking.client(uri).get_run(run_id).info.artifact_uri
+        for name in found:
+            copy_to_artifacts(f"{ck_path.rstrip('/')}/{name}", f"{artifacts.rstrip('/')}/{name}", tracking_uri=uri)
+        tracking.finish_run(uri, run_id, resolved=resolved_dict(cfg),
+                            tags={"coatnet.checkpoint": ck_path, "coatnet.status": "finished"})
+
+    call_with_retry(publish, RetryPolicy(timeout_s=cfg.tracking.outage_timeout_s, initial_delay_s=1.0, max_delay_s=30.0),
+                    retry_on=lambda e: True, announce=say, service="tracking server", doing="finishing the run")
+    if WEIGHTS_DIR not in found:
+        return state.step, None
+    if is_remote(cfg.storage.storage_path):
+        return state.step, f"runs:/{run_id}/{WEIGHTS_DIR}"
+    run_dir = os.path.join(cfg.storage.storage_path, cfg.storage.name)
+    for name in found:                 # storage to storage: the driver holds no copy
+        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        copy_weights(f"{ck_path.rstrip('/')}/{name}", os.path.join(run_dir, name))
+    return state.step, os.path.join(run_dir, WEIGHTS_DIR)

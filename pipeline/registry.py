@@ -6,7 +6,11 @@ What is logged (``log_model``): an MLflow ``python_function`` model whose artifa
   logged before carry ``weights.pt``, still read),
 - ``spec.json``: the ``pipeline.spec.ModelSpec`` (variant, classes, size, class names, preprocessing),
 
-plus the code of ``models`` and ``pipeline`` (``code_paths``), a signature and an input example.
+plus the code of ``models`` and ``pipeline`` (``code_paths``) and a signature (no input example:
+MLflow would check it by loading the model, weights and all, on the logging process). The weights
+go from where they are (a run's exported files in storage) straight into the logged model's artifact
+location: the logging process reads only their safetensors headers (the fit check) and never holds
+or stages the model where it reaches the artifact store itself (``weights.artifact_url``).
 Others score it with ``mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [png_bytes]}))``
 (the output has ``label``, ``class_id``, ``score``, ``top_k_labels``, ``top_k_scores``); our own code
 gets the PyTorch module back with ``load_model(uri) -> (model, metadata)`` (e.g. fine-tuning from
@@ -36,7 +40,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.spec import ModelSpec, preprocess, top_k
-from pipeline.weights import check_compatible, load_weights, to_fp32, write_weights
+from pipeline.weights import (artifact_url, check_compatible, copy_to_artifacts, load_weights, to_fp32,
+                              weight_shapes, write_weights)
 
 WEIGHTS_DIR = "weights"
 SPEC_FILE = "spec.json"
@@ -89,7 +94,14 @@ class CoAtNetPyfunc(mlflow.pyfunc.PythonModel):
             x = preprocess(images[i:i + 64], self.spec).to(self.device)
             with torch.inference_mode():
                 rows += top_k(self.model(x), self.spec, k)
-        return pd.DataFrame(rows, columns=["label", "class_id", "score", "top_k_labels", "top_k_scores"])
+        return _frame(rows)
+
+
+def _frame(rows: list[dict]):
+    """The pyfunc's output: one row per image (``spec.top_k``'s dicts)."""
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["label", "class_id", "score", "top_k_labels", "top_k_scores"])
 
 
 def _load_from_files(weights_path: str, spec_path: str):
@@ -114,43 +126,61 @@ def _example_png(spec: ModelSpec) -> bytes:
     return buf.getvalue()
 
 
-def log_model(model_or_state_dict, spec: ModelSpec, *, name: str = "model",
+def log_model(weights, spec: ModelSpec, *, name: str = "model",
               registered_model_name: str | None = None, version_tags: dict | None = None):
-    """Log a model (module or fp32 state dict) as a pyfunc into the active run; optionally register.
+    """Log a model as a pyfunc into the active run; optionally register it. Returns
+    (ModelInfo, ModelVersion | None).
 
-    Returns (ModelInfo, ModelVersion | None).
+    ``weights``: a weights location (folder or file, local or fsspec URL: a run's exported weights)
+    or, for small models, a module or fp32 state dict (written to a temporary folder first). This
+    process never holds the model: the weights are checked against ``spec`` from the safetensors
+    headers on the meta device, the signature comes from the pyfunc's output on zero logits (no
+    forward), the MLmodel is logged with an empty ``weights`` artifact, and the files are then copied
+    into the logged model's artifact location (``weights.copy_to_artifacts``: storage to storage
+    when this process reaches that store, else one shard at a time through the tracking server);
+    only then is the version registered. A copy that fails marks the logged model FAILED.
     """
     import pandas as pd
     import torch
+    from mlflow.entities import LoggedModelStatus
     from mlflow.models import infer_signature
 
-    sd = to_fp32(model_or_state_dict)
-    net = spec.build()
-    check_compatible(sd, net, what="state dict to log")
-    net.load_state_dict(sd)
-    net.eval()
+    if not isinstance(weights, (str, os.PathLike)):
+        with tempfile.TemporaryDirectory(prefix="coatnet-model-") as tmp:
+            folder = write_weights(os.path.join(tmp, WEIGHTS_DIR), to_fp32(weights).items())
+            return log_model(folder, spec, name=name, registered_model_name=registered_model_name,
+                             version_tags=version_tags)
+    weights = str(weights)
+    check_compatible(weight_shapes(weights), spec.build(device="meta"), what=f"weights to log ({weights})")
+    example = pd.DataFrame({"image": [_example_png(spec)]})      # the input's schema
+    with warnings.catch_warnings():  # "integer columns cannot hold missing values": none here
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, _frame(top_k(torch.zeros(1, spec.num_classes), spec, 5)),
+                                    params={"top_k": 5})
     with tempfile.TemporaryDirectory() as tmp:
-        wpath, spath = os.path.join(tmp, WEIGHTS_DIR), os.path.join(tmp, SPEC_FILE)
-        write_weights(wpath, sd.items())
+        placeholder, spath = os.path.join(tmp, WEIGHTS_DIR), os.path.join(tmp, SPEC_FILE)
+        os.makedirs(placeholder)                 # filled in the store below, never here
         Path(spath).write_text(json.dumps(spec.to_dict(), indent=1))
-        example = pd.DataFrame({"image": [_example_png(spec)]})
-        wrapper = CoAtNetPyfunc()
-        wrapper.model, wrapper.spec, wrapper.device = net, spec, torch.device("cpu")
-        out = wrapper.predict(None, example)
-        with warnings.catch_warnings():  # "integer columns cannot hold missing values": none here
-            warnings.simplefilter("ignore", UserWarning)
-            signature = infer_signature(example, out, params={"top_k": 5})
         # Models from code: MLflow stores this file, not a pickled object of ours.
         entry = os.path.join(tmp, "coatnet_pyfunc.py")
         Path(entry).write_text("import mlflow\nfrom pipeline.registry import CoAtNetPyfunc\n\n"
                                "mlflow.models.set_model(CoAtNetPyfunc())\n")
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=entry,
-            artifacts={"weights": wpath, "spec": spath},
-            code_paths=[str(REPO_ROOT / "models"), str(REPO_ROOT / "pipeline")],
-            signature=signature, input_example=example,
-            pip_requirements=_requirements(), metadata={"coatnet_spec": spec.to_dict()},
-        )
+        # no input_example: MLflow would validate it by loading the model, weights and all
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=entry,
+                artifacts={"weights": placeholder, "spec": spath},
+                code_paths=[str(REPO_ROOT / "models"), str(REPO_ROOT / "pipeline")],
+                signature=signature, pip_requirements=_requirements(), metadata={"coatnet_spec": spec.to_dict()},
+            )
+    folder = info.flavors["python_function"]["artifacts"]["weights"]["path"]
+    location = client().get_logged_model(info.model_id).artifact_location
+    try:
+        copy_to_artifacts(weights, f"{location.rstrip('/')}/{folder}", tracking_uri=mlflow.get_tracking_uri())
+    except BaseException:
+        client().finalize_logged_model(info.model_id, LoggedModelStatus.FAILED)
+        raise
     version = None
     if registered_model_name:
         version = register(info.model_uri, registered_model_name, tags=version_tags)
@@ -261,29 +291,73 @@ def _download(uri: str, dst_path: str | None = None) -> str:
         raise RegistryError(f"cannot download model {uri!r}: {e}") from None
 
 
-def fetch_model(uri: str, dst_path: str | None = None) -> tuple[str, ModelSpec, dict]:
-    """Download a model we logged (into ``dst_path``, default MLflow's choice) WITHOUT loading it:
-    (local weights folder or file, spec, metadata). ``uri`` and the metadata as for ``load_model``.
-    Fine-tuning stages the weights from here file by file, so a driver never holds a large model."""
-    from mlflow.models import Model
+def _model_files(root: str, uri: str) -> tuple[str, ModelSpec]:
+    """(weights location, spec) of the model we logged whose folder (holding MLmodel) is ``root``,
+    a local path or fsspec URL; only MLmodel and spec.json are read."""
+    import fsspec
+    import yaml
 
-    local = _download(uri, dst_path)
-    mlmodel = os.path.join(local, "MLmodel")
-    if not os.path.exists(mlmodel):
+    fs, path = fsspec.core.url_to_fs(root)
+    root = root.rstrip("/")
+    if not fs.exists(f"{path.rstrip('/')}/MLmodel"):
         raise RegistryError(f"{uri!r} is not an MLflow model (no MLmodel file)")
-    flavor = Model.load(mlmodel).flavors.get("python_function", {})
+    with fs.open(f"{path.rstrip('/')}/MLmodel", "r") as f:
+        flavor = (yaml.safe_load(f).get("flavors") or {}).get("python_function", {})
     arts = flavor.get("artifacts", {})
     if "weights" not in arts or "spec" not in arts:
         raise RegistryError(f"{uri!r} is not a CoAtNet model logged by pipeline.registry (no weights/spec artifacts)")
-    path = lambda a: os.path.join(local, a["path"] if isinstance(a, dict) else a)  # noqa: E731
-    spec = ModelSpec.from_dict(json.loads(Path(path(arts["spec"])).read_text()))
+    path_of = lambda a: f"{root}/{a['path'] if isinstance(a, dict) else a}"  # noqa: E731
+    with fsspec.open(path_of(arts["spec"]), "r") as f:
+        spec = ModelSpec.from_dict(json.load(f))
+    return path_of(arts["weights"]), spec
+
+
+def _metadata(uri: str, spec: ModelSpec) -> dict:
     meta = {**spec.to_dict(), "spec": spec, "uri": uri}
     if uri.startswith("models:/") and not uri.startswith("models:/m-"):
         mv = resolve_version(uri)
         meta.update(name=mv.name, version=str(mv.version), run_id=mv.run_id)
     elif uri.startswith("runs:/"):
         meta["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
-    return path(arts["weights"]), spec, meta
+    return meta
+
+
+def fetch_model(uri: str, dst_path: str | None = None) -> tuple[str, ModelSpec, dict]:
+    """Download a model we logged (into ``dst_path``, default MLflow's choice) WITHOUT loading it:
+    (local weights folder or file, spec, metadata). ``uri`` and the metadata as for ``load_model``.
+    Fine-tuning stages the weights from here file by file, so a driver never holds a large model."""
+    local = _download(uri, dst_path)
+    weights, spec = _model_files(local, uri)
+    return weights, spec, _metadata(uri, spec)
+
+
+def _model_location(uri: str) -> str:
+    """The artifact location (an MLflow artifact URI) of the model folder ``uri`` names."""
+    from mlflow.exceptions import MlflowException
+
+    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
+        uri = resolve_version(uri).source         # MLflow 3: models:/m-<id>; older versions a storage URI
+    if uri.startswith("models:/m-"):
+        try:
+            return client().get_logged_model(uri[len("models:/"):].split("/", 1)[0]).artifact_location
+        except MlflowException as e:
+            raise RegistryError(f"no logged model {uri!r}: {e.message if hasattr(e, 'message') else e}") from None
+    if uri.startswith("runs:/"):
+        run_id, _, rest = uri[len("runs:/"):].partition("/")
+        return f"{check_run(run_id).info.artifact_uri.rstrip('/')}/{rest}"
+    return uri
+
+
+def locate_model(uri: str) -> tuple[str, ModelSpec, dict] | None:
+    """``fetch_model`` without downloading: (weights location in storage, spec, metadata) when the
+    model's artifact location is storage this process reaches (``weights.artifact_url``: local, S3,
+    the proxy's destination when known), reading only MLmodel and spec.json; None otherwise (then
+    ``fetch_model``)."""
+    root = artifact_url(_model_location(uri))
+    if root is None:
+        return None
+    weights, spec = _model_files(root, uri)
+    return weights, spec, _metadata(uri, spec)
 
 
 def load_model(uri: str):

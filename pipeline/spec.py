@@ -81,13 +81,14 @@ class ModelSpec:
                               mean=tuple(a.mean), std=tuple(a.std), crop_pct=a.eval_crop_pct,
                               interpolation=a.interpolation, label_type=index.label_type)
 
-    def build(self):
-        """A freshly initialised network of this spec (weights not loaded)."""
+    def build(self, device=None):
+        """A freshly initialised network of this spec (weights not loaded); ``device="meta"``: shapes
+        only, no memory (checking weights against it from their headers)."""
         import models
 
         try:
             return models.create_model(self.variant, num_classes=self.num_classes,
-                                       img_size=self.img_size, **self.overrides)
+                                       img_size=self.img_size, device=device, **self.overrides)
         except (ValueError, KeyError, TypeError) as e:
             raise SpecError(f"cannot build model {self.variant!r} from its spec: {e}") from None
 

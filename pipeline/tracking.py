@@ -13,8 +13,11 @@ Run structure (what the fine-tuning/registry stages can rely on):
   eval/top5 = recall@5 of a positive), eval/loss
 - system metrics (MLflow's own monitor, from the rank-0 worker): ``system/cpu_utilization_percentage``,
   ``system/system_memory_usage_megabytes``, GPU utilisation and memory when there is a GPU
-- artifact ``weights/``: the consolidated fp32 weights as safetensors (``model.safetensors``, or shards
-  and ``model.safetensors.index.json``; ``pipeline.weights.load_weights`` reads either);
+- artifact ``weights/``: the fp32 weights as safetensors (``model.safetensors``, or shards
+  and ``model.safetensors.index.json``; ``pipeline.weights.load_weights`` reads either), copied by
+  the driver from the final checkpoint in storage straight into the run's artifact location
+  (``weights.copy_to_artifacts``: never staged on the driver where that location is storage it
+  reaches; one shard at a time through the tracking server's proxy otherwise);
   ``weights_ema/`` the same for the EMA model when ``train.ema_decay`` is set,
   ``config/resolved.json``
 """
@@ -167,8 +170,10 @@ class SystemMetrics:
             self._monitor = None
 
 
-def finish_run(uri: str, run_id: str, *, weights_dirs: dict[str, str], resolved: dict[str, Any],
-               tags: dict[str, str], status: str = "FINISHED") -> None:
+def finish_run(uri: str, run_id: str, *, resolved: dict[str, Any], tags: dict[str, str],
+               status: str = "FINISHED") -> None:
+    """Tags, ``config/resolved.json`` and the end status. The weights are not logged here: the driver
+    copies them from storage into the run's artifact location first (``launch``, ``weights.copy_to_artifacts``)."""
     from pipeline.redact import redact
 
     c = client(uri)
@@ -179,8 +184,6 @@ def finish_run(uri: str, run_id: str, *, weights_dirs: dict[str, str], resolved:
         with open(p, "w") as f:
             json.dump(resolved, f, indent=1)
         c.log_artifact(run_id, p, artifact_path="config")
-    for artifact_path, folder in weights_dirs.items():     # weights/, and weights_ema/ with an EMA
-        c.log_artifacts(run_id, folder, artifact_path=artifact_path)
     c.set_terminated(run_id, status=status)
 
 

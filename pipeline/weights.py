@@ -275,6 +275,73 @@ def copy_weights(src: str, dest: str) -> str:
     return dest
 
 
+ARTIFACTS_DESTINATION_ENV = "COATNET_MLFLOW_ARTIFACTS_DESTINATION"   # the server's --artifacts-destination
+
+
+def artifact_url(artifact_uri: str) -> str | None:
+    """Where the MLflow artifact location ``artifact_uri`` lies in storage this process writes itself
+    (a local path or fsspec URL), or None when only MLflow's artifact repository reaches it. Direct:
+    a local path or ``file://``; ``s3://`` when MLflow's S3 client and fsspec's talk to the same
+    endpoint (``MLFLOW_S3_ENDPOINT_URL`` unset or equal to ``AWS_ENDPOINT_URL``); ``gs://`` with gcsfs
+    installed; the tracking server's proxied ``mlflow-artifacts:/P`` when ``$COATNET_MLFLOW_ARTIFACTS_DESTINATION``
+    names the server's ``--artifacts-destination`` D (the server keeps P at ``D/P``). Anything else
+    (the proxy without that variable, Databricks, Azure) is reached through the repository only."""
+    import importlib.util
+    import os
+    from urllib.parse import urlparse
+
+    scheme = urlparse(artifact_uri).scheme
+    if scheme in ("", "file"):
+        return artifact_uri
+    if scheme == "s3":
+        theirs = os.environ.get("MLFLOW_S3_ENDPOINT_URL", "").rstrip("/")
+        same = not theirs or theirs == os.environ.get("AWS_ENDPOINT_URL", "").rstrip("/")
+        return artifact_uri if same else None
+    if scheme == "gs":
+        return artifact_uri if importlib.util.find_spec("gcsfs") else None
+    destination = os.environ.get(ARTIFACTS_DESTINATION_ENV, "").rstrip("/")
+    if scheme == "mlflow-artifacts" and destination and not destination.startswith("mlflow-artifacts:"):
+        return artifact_url(f"{destination}/{urlparse(artifact_uri).path.lstrip('/')}")
+    return None
+
+
+def copy_to_artifacts(src: str, artifact_uri: str, *, tracking_uri: str | None = None) -> str:
+    """Copy the weights at ``src`` (local or fsspec URL) into the MLflow artifact location
+    ``artifact_uri`` (a run's ``artifact_uri`` or a logged model's ``artifact_location``, plus the
+    folder) without this process holding or staging the model. Where ``artifact_url`` finds the
+    storage: ``copy_weights``, file by file, streamed (S3 to the same S3 is a server-side copy), no
+    local disk. Otherwise through MLflow's artifact repository (the tracking server's proxy), one
+    file at a time, each spooled to a temporary file and removed once uploaded: one shard on disk at
+    a time (at most ``MAX_SHARD_BYTES`` as ``write_weights`` cuts them; a legacy .pt is converted
+    whole first). Returns where they went."""
+    import os
+    import shutil
+    import tempfile
+
+    import fsspec
+
+    direct = artifact_url(artifact_uri)
+    if direct is not None:
+        return copy_weights(src, direct)
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="coatnet-upload-") as tmp:
+        files = weight_files(src)
+        if len(files) == 1 and not files[0].endswith(".safetensors"):
+            src = write_weights(os.path.join(tmp, "converted"), load_weights(files[0]).items())
+            files = weight_files(src)
+        named = [(f"{src.rstrip('/')}/{SAFETENSORS_INDEX}", SAFETENSORS_INDEX)] if len(files) > 1 else []
+        named += [(f, f.rsplit("/", 1)[-1] if len(files) > 1 else SAFETENSORS_FILE) for f in files]
+        for file, name in named:              # shards with their index; one file is model.safetensors
+            local = os.path.join(tmp, name)
+            with fsspec.open(file, "rb") as f, open(local, "wb") as out:
+                shutil.copyfileobj(f, out, 8 << 20)
+            repo.log_artifact(local)
+            os.remove(local)
+    return artifact_uri
+
+
 # --------------------------------------------------------------------------------------------
 # Weights against a network
 # --------------------------------------------------------------------------------------------

@@ -422,7 +422,8 @@ def _evaluate(plan: Plan, runner: Runner, source, val: str, val_index) -> dict[s
 
 
 def _register(plan: Plan, result: WorkflowResult, run_id: str, pick: str, val: str, val_index) -> dict[str, Any]:
-    """Log the picked fine-tuned model as a pyfunc into the register run; a version with lineage tags."""
+    """Log the picked fine-tuned model as a pyfunc into the register run (its weight files copied
+    from the fine-tuning run's, never loaded on the driver); a version with lineage tags."""
     import mlflow
 
     from pipeline.finetune import resolve_source
@@ -436,10 +437,11 @@ def _register(plan: Plan, result: WorkflowResult, run_id: str, pick: str, val: s
             "coatnet.finetune_run": result.stages[pick].run_id, f"coatnet.val_{ev['metric']}": f"{score:.6f}"}
     if "pretrain" in result.stages:
         tags["coatnet.pretrain_run"] = result.stages["pretrain"].run_id
-    with resolve_source(result.stages[pick].run_id, ema=wf.registry.use_ema) as picked:
-        weights = picked.load()
-    with mlflow.start_run(run_id=run_id):
-        info, mv = log_model(weights, spec_for(cfg, val_index), registered_model_name=wf.registry.name,
+    # the picked run's files where they lie (a download only when nothing else reaches them): checked
+    # from their headers and copied into the logged model's artifacts, never loaded here
+    with resolve_source(result.stages[pick].run_id, ema=wf.registry.use_ema) as picked, \
+            mlflow.start_run(run_id=run_id):
+        info, mv = log_model(picked.weights, spec_for(cfg, val_index), registered_model_name=wf.registry.name,
                              version_tags=tags)
     say(f"[workflow] register: {wf.registry.name} version {mv.version} ({pick}, val {ev['metric']} {score:.4f})")
     return {"version": str(mv.version), "model_uri": info.model_uri, "name": wf.registry.name, "stage": pick}

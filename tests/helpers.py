@@ -352,6 +352,34 @@ def s3_env(endpoint: str) -> dict[str, str]:
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint}
 
 
+class LocalWeightsWatch:
+    """The ``.safetensors`` files this process opens while the watch is on (Python's ``open`` audit
+    event: builtin open, os.open, fsspec's local files, boto3's up- and downloads; not C++ writers such
+    as pyarrow's local filesystem): with the weights' source and destination in object storage, any
+    entry means the weights were staged on this machine. ``opened``: (path, mode or flags)."""
+
+    _active: list["LocalWeightsWatch"] = []
+    _hooked = False
+
+    def __enter__(self) -> "LocalWeightsWatch":
+        if not LocalWeightsWatch._hooked:          # an audit hook stays for the process: it checks a list
+            sys.addaudithook(LocalWeightsWatch._hook)
+            LocalWeightsWatch._hooked = True
+        self.opened: list[tuple[str, object]] = []
+        LocalWeightsWatch._active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        LocalWeightsWatch._active.remove(self)
+
+    @staticmethod
+    def _hook(event: str, args: tuple) -> None:
+        if event == "open" and LocalWeightsWatch._active and isinstance(args[0], (str, os.PathLike)) \
+                and os.fspath(args[0]).endswith(".safetensors"):
+            for watch in LocalWeightsWatch._active:
+                watch.opened.append((os.fspath(args[0]), args[1] if args[1] is not None else args[2]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written shards (anything a tar can hold, for the bad-data tests)
 # ---------------------------------------------------------------------------------------------

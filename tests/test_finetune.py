@@ -3,6 +3,8 @@ staged as files (on S3), resized and given a new head by the surgery, refused wi
 when it does not fit."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +114,25 @@ def test_finetune_source_is_checked_from_headers_and_staged_as_files(tmp_path, s
     with pytest.raises(finetune.FinetuneError, match="incompatible checkpoint"):
         finetune.stage_init(wrong, source)
     assert not (tmp_path / "bad").exists()                                 # nothing staged
+
+
+def test_a_killed_drivers_scratch_folder_goes_with_the_next_source(tmp_path, monkeypatch):
+    """What a driver downloaded or consolidated for a source lives in <tmp>/coatnet-source-<pid>-*;
+    one killed before removing it leaves it behind, and the next driver on the host removes it
+    (folders of live processes are kept)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline import finetune
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()                                            # a pid no process has any more
+    dead = tmp_path / f"{finetune.SCRATCH_PREFIX}{gone.pid}-abc"
+    alive = tmp_path / f"{finetune.SCRATCH_PREFIX}{os.getppid()}-abc"
+    for d in (dead, alive):
+        (d / "weights").mkdir(parents=True)
+    mine = finetune.new_scratch()
+    assert not dead.exists() and alive.exists()
+    assert os.path.basename(mine).startswith(f"{finetune.SCRATCH_PREFIX}{os.getpid()}-")
