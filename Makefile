@@ -8,6 +8,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # DeepSpeed JIT-compiles a small CPU comm op on first use; share the cache between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# ... with the venv's ninja, whatever the caller's PATH: two ninja versions sharing that cache
+# (pip's 1.13, a system 1.11) do not read each other's build log and rebuild the op every time.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # The suite runs on two pytest-xdist processes: one runs the end-to-end job files one after
 # another, the other every other file meanwhile (the scheduler is in tests/conftest.py).
 TEST_WORKERS ?= 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 
@@ -23,6 +24,10 @@ import pytest
 from helpers import RayHead, free_port
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch_extensions"))
+# One ninja for every process that JIT-builds DeepSpeed's ops into that cache: the venv's (pip's
+# ninja 1.13) ahead of the system's (1.11). Their build logs differ (v7 vs v5 hashes), so processes
+# alternating between them rebuilt the shm comm op each time (~30-60 s of compiling, twice a suite).
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 # Keep Ray from attaching to a cluster another process on this shared host started.
 os.environ.pop("RAY_ADDRESS", None)
 # Ray Train's controller polls its workers every 2 s by default: the tests' runs are seconds long,
