@@ -66,6 +66,16 @@ def test_meta_activation_measurement_equals_a_real_cpu_run():
     assert cpu.checkpointed_bytes < 0.8 * cpu.saved_bytes
 
 
+@pytest.mark.parametrize("variant,preset", [("coatnet_1", "timm"), ("coatnet_6", "paper")])
+def test_two_blocks_per_stage_measure_what_the_whole_network_does(variant, preset):
+    """The planner measures a copy with two blocks per stage and adds the repeats (coatnet_6: the
+    split Transformer stage of C-6/7): exactly the whole network's figures, both with and without
+    checkpointing."""
+    whole = activations.measure_activations(models.create_model(variant, device="meta", preset=preset), 2, 224)
+    short = activations.measure_repeats_once(variant, 2, 224, (("preset", preset),))
+    assert (short.saved_bytes, short.checkpointed_bytes) == (whole.saved_bytes, whole.checkpointed_bytes)
+
+
 def test_activation_model_is_linear_in_batch():
     act = activations.activation_model(TINY, TINY_RES)
     measured = activations.measure_activations(models.create_model(TINY, img_size=TINY_RES, device="meta"), 8, TINY_RES)
