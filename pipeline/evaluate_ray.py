@@ -45,24 +45,28 @@ class ModelRef:
     """How a worker gets the model it scores. One of: ``uri`` (``models:/NAME/VERSION``: the
     worker fetches the registered files, ``pipeline.registry.fetch_model``), ``weights`` (a weights
     folder or file every worker can read - shared path or fsspec URL - or ``runs:/ID/path``, MLflow
-    artifacts, with ``spec``), ``state`` (a state dict the driver put into the object store)."""
+    artifacts, with ``spec``), ``state`` (a state dict the driver put into the object store).
+    ``adapt``: the weights are a pretrained model for the spec's variant at another resolution; the
+    worker resizes the relative-position tables itself (``weights.adapt_state_dict``), so a driver
+    scoring a pretrained model at the fine-tuning size never holds it (the workflow's baseline)."""
 
     spec: dict | None = None            # ModelSpec.to_dict(); with uri: read from the model
     uri: str | None = None
     weights: str | None = None
     state: Any = None                   # ray.ObjectRef of {name: numpy array}
     tracking_uri: str | None = None     # the registry / artifacts the worker reads
+    adapt: bool = False
 
     @classmethod
     def from_registry(cls, uri: str) -> "ModelRef":
         return cls(uri=uri, tracking_uri=_tracking_uri())
 
     @classmethod
-    def from_weights(cls, weights: str, spec) -> "ModelRef":
+    def from_weights(cls, weights: str, spec, *, adapt: bool = False) -> "ModelRef":
         """``weights``: a folder every worker can read (made absolute when local), or ``runs:/...``."""
         if "://" not in weights and ":/" not in weights:
             weights = os.path.abspath(weights)
-        return cls(spec=spec.to_dict(), weights=weights, tracking_uri=_tracking_uri())
+        return cls(spec=spec.to_dict(), weights=weights, tracking_uri=_tracking_uri(), adapt=adapt)
 
     @classmethod
     def from_model(cls, model_or_state_dict, spec) -> "ModelRef":
@@ -81,7 +85,7 @@ class ModelRef:
 
         from pipeline.registry import device, fetch_model
         from pipeline.spec import ModelSpec
-        from pipeline.weights import check_compatible, load_weights
+        from pipeline.weights import adapt_state_dict, check_compatible, load_weights
 
         if self.tracking_uri:
             import mlflow
@@ -108,6 +112,8 @@ class ModelRef:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         model = spec.build()
+        if self.adapt:
+            sd, _ = adapt_state_dict(model, sd, img_size=spec.img_size)
         check_compatible(sd, model, what=f"weights for {spec.variant}")
         model.load_state_dict(sd)
         del sd

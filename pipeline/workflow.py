@@ -388,7 +388,10 @@ def _tuned_ref(run_id: str, use_ema: bool, spec):
 
 def _evaluate(plan: Plan, runner: Runner, source, val: str, val_index) -> dict[str, Any]:
     """Every fine-tuned model on ``val``, and (baseline) the pretrained model resized, untuned; on the
-    cluster's workers, which read the fine-tuned weights from the runs' artifacts themselves."""
+    cluster's workers, which read the fine-tuned weights from the runs' artifacts and the source from
+    the stage's staged copy (``init/``, tag ``coatnet.source_weights``) themselves."""
+    from mlflow import MlflowClient
+
     from pipeline.evaluate import PRIMARY
     from pipeline.evaluate_ray import ModelRef
     from pipeline.finetune import adapt
@@ -408,14 +411,17 @@ def _evaluate(plan: Plan, runner: Runner, source, val: str, val_index) -> dict[s
         if plan.wf.evaluate.workers != 0:
             line += f" ({opts['workers']} workers, {opts['precision']})"
         if plan.wf.evaluate.baseline and source.num_classes == spec.num_classes:
-            # the driver adapts the source (resized tables): the workers get it through the object store
-            pretrained = pretrained if pretrained is not None else source.load()
-            model = spec.build()
-            sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model,
-                          state_dict=pretrained, architecture=cfg.model.architecture())
-            model.load_state_dict(sd, strict=False)
-            ref = ModelRef.from_model(model, spec) if opts["workers"] else None
-            untuned = scores[f"{stage}/pretrained_untuned"] = _score(ref, spec, val, opts, model=model)
+            if opts["workers"]:     # the workers read the stage's staged source and resize it themselves
+                staged = MlflowClient().get_run(result.stages[stage].run_id).data.tags["coatnet.source_weights"]
+                untuned = _score(ModelRef.from_weights(staged, spec, adapt=True), spec, val, opts)
+            else:                   # scored here: the driver adapts the source (resized tables)
+                pretrained = pretrained if pretrained is not None else source.load()
+                model = spec.build()
+                sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model,
+                              state_dict=pretrained, architecture=cfg.model.architecture())
+                model.load_state_dict(sd, strict=False)
+                untuned = _score(None, spec, val, opts, model=model)
+            scores[f"{stage}/pretrained_untuned"] = untuned
             line += f" (pretrained, resized, not fine-tuned: {untuned[metric]:.4f})"
         say(line)
     return {"val": val, "metric": metric, "scores": scores}

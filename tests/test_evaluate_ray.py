@@ -150,7 +150,8 @@ def test_workers_that_cannot_start_fail_in_time_naming_what_is_missing(shards, r
 
 def test_promote_job_and_workflow_stage_score_on_the_workers(shards, registry, ray2, tmp_path):
     """jobs/promote.py --workers 2, and the workflow's evaluate stage on a fine-tuning run's weights
-    artifact (runs:/ID/weights, read by the workers) in the stage's precision."""
+    artifact (runs:/ID/weights, read by the workers) in the stage's precision, with the untuned
+    baseline resized on the workers."""
     import contextlib
     import importlib.util
     import io
@@ -163,7 +164,9 @@ def test_promote_job_and_workflow_stage_score_on_the_workers(shards, registry, r
     from pipeline.data import ShardIndex
     from pipeline.evaluate import evaluate_model
     from pipeline.registry import load_model
-    from pipeline.weights import write_weights
+    import models
+    from pipeline.finetune import SourceModel
+    from pipeline.weights import adapt_state_dict, write_weights
 
     val = str(shards / "val")
     root = Path(__file__).resolve().parents[1]
@@ -180,9 +183,11 @@ def test_promote_job_and_workflow_stage_score_on_the_workers(shards, registry, r
     assert d["action"] == "initial"
     assert d["candidate_score"] == pytest.approx(evaluate_model(model, meta["spec"], val)["top1"], abs=1e-6)
 
-    # the workflow's evaluate stage: a "fine-tuning run" whose weights/ artifact the workers read
+    # the workflow's evaluate stage: a "fine-tuning run" whose weights/ artifact the workers read, and
+    # its staged source (a pretrained model at 64 px) which they resize to 32 px themselves: the
+    # driver never loads the source (its load() fails here)
     wf, base = wfm.load_workflow("configs/workflow_demo.yaml", [
-        "finetune.0.overrides=[model.img_size=32]", "evaluate.baseline=false", "evaluate.batch_size=16",
+        "finetune.0.overrides=[model.img_size=32]", "evaluate.baseline=true", "evaluate.batch_size=16",
         f"tracking_uri={registry}"])
     plan = wfm.plan_stages(wf, base)
     stage = plan.finetune[0]
@@ -191,13 +196,28 @@ def test_promote_job_and_workflow_stage_score_on_the_workers(shards, registry, r
     tuned = mspec.build()
     tuned.load_state_dict(model.state_dict())
     write_weights(str(tmp_path / "weights"), tuned.state_dict().items())
+    source_sd = models.resize_state_dict(model.state_dict(), 64)
+    write_weights(str(tmp_path / "init"), source_sd.items())
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(tmp_path / "weights"), "weights")
+        mlflow.set_tag("coatnet.source_weights", str(tmp_path / "init"))
     result = wfm.WorkflowResult("parent")
     result.stages[stage.name] = wfm.StageResult(stage.name, stage.key, run.info.run_id, {})
     runner = wfm.Runner(None, result)
-    ev = wfm._evaluate(plan, runner, None, val, index)
+
+    class NotOnTheDriver(SourceModel):
+        def load(self):
+            raise AssertionError("the driver loaded the source")
+
+    source = NotOnTheDriver(kind="weights", ref="pretrained", weights=str(tmp_path / "init"), num_classes=10)
+    ev = wfm._evaluate(plan, runner, source, val, index)
     assert stage.config.train.bf16 and stage.config.scaling.num_workers == 2
     single = evaluate_model(tuned, mspec, val, batch_size=16, precision="bf16")
     got = ev["scores"][stage.name]
     assert got["num_samples"] == 150 and abs(got["top1"] - single["top1"]) <= 2 / 150
+    resized = mspec.build()
+    resized.load_state_dict(adapt_state_dict(resized, source_sd, img_size=32)[0])
+    expected = evaluate_model(resized, mspec, val, batch_size=16, precision="bf16")
+    untuned = ev["scores"][f"{stage.name}/pretrained_untuned"]
+    assert untuned["num_samples"] == 150 and abs(untuned["top1"] - expected["top1"]) <= 2 / 150
+    assert untuned["loss"] == pytest.approx(expected["loss"], rel=2e-2)
