@@ -411,16 +411,17 @@ def _evaluate(plan: Plan, runner: Runner, source, val: str, val_index) -> dict[s
         if plan.wf.evaluate.workers != 0:
             line += f" ({opts['workers']} workers, {opts['precision']})"
         if plan.wf.evaluate.baseline and source.num_classes == spec.num_classes:
-            if opts["workers"]:     # the workers read the stage's staged source and resize it themselves
-                staged = MlflowClient().get_run(result.stages[stage].run_id).data.tags["coatnet.source_weights"]
+            staged = MlflowClient().get_run(result.stages[stage].run_id).data.tags.get("coatnet.source_weights")
+            if opts["workers"] and staged:   # the workers read the stage's staged source and resize it
                 untuned = _score(ModelRef.from_weights(staged, spec, adapt=True), spec, val, opts)
-            else:                   # scored here: the driver adapts the source (resized tables)
+            else:                   # the driver adapts the source (resized tables); scored here or sent
                 pretrained = pretrained if pretrained is not None else source.load()
                 model = spec.build()
                 sd, _ = adapt(source, cfg.model.variant, cfg.model.img_size, spec.num_classes, model=model,
                               state_dict=pretrained, architecture=cfg.model.architecture())
                 model.load_state_dict(sd, strict=False)
-                untuned = _score(None, spec, val, opts, model=model)
+                ref = ModelRef.from_model(model, spec) if opts["workers"] else None
+                untuned = _score(ref, spec, val, opts, model=model)
             scores[f"{stage}/pretrained_untuned"] = untuned
             line += f" (pretrained, resized, not fine-tuned: {untuned[metric]:.4f})"
         say(line)
