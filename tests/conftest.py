@@ -38,9 +38,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Files whose tests run jobs of several processes (Ray Train workers, DeepSpeed ranks on gloo).
 # Two such jobs at once on 2 cores slow each other many-fold (a rank waiting in a collective spins
 # on the core its descheduled peer needs: 13 s alone became 158 s), so they run one after another
-# on one xdist worker, longest first; every other file runs on the other worker meanwhile.
+# on one xdist worker, longest first; every other file runs on the other worker meanwhile (there,
+# two-rank DeepSpeed tests of a few seconds: test_capacity, test_finetune_init, test_engine_compile).
 JOB_FILES = ["test_workflow.py", "test_pretrain_job.py", "test_resume_rerun.py", "test_cluster_rehearsal.py",
-             "test_data_writer_ray.py", "test_capacity.py"]
+             "test_data_writer_ray.py"]
 JOB_LANE = "end-to-end jobs"
 
 
