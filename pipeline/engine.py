@@ -104,9 +104,9 @@ def load_init_weights(engine, cfg: Config) -> "InitLoad":
     m = cfg.model
     reader = WeightReader(cfg.init.from_checkpoint)
     source = reader.shapes()
-    for name in source:                       # tables: small, resized on real values
-        if name.endswith("relative_position_bias_table"):
-            source[name] = reader.tensor(name).float()
+    tables = [name for name in source if name.endswith("relative_position_bias_table")]
+    for name, values in zip(tables, reader.read_many([(name, 0, None) for name in tables])):
+        source[name] = values.view(source[name].shape).float()     # small, resized on real values
     network = models.create_model(m.variant, num_classes=m.num_classes, img_size=m.img_size,
                                   device="meta", **m.architecture())
     planned, dropped = adapt_state_dict(network, source, img_size=m.img_size,
