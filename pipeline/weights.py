@@ -168,15 +168,15 @@ def weight_shapes(url: str) -> dict[str, torch.Tensor]:
 class WeightReader:
     """Single tensors, or a flat range of a tensor's elements, read from the weights at ``url``
     without reading anything else: each safetensors file's header is read once, then a range is one
-    ranged read of its bytes (``fs.cat_file(start=, end=)``: an HTTP range request on object
-    storage). A ZeRO-3 rank reads only the elements of its partitions this way
+    ranged read of its bytes (``fs.cat_ranges``: HTTP range requests on object storage, made
+    together). A ZeRO-3 rank reads only the elements of its partitions this way
     (``engine.load_init_weights``). ``bytes_read`` counts the tensor bytes fetched. A legacy .pt file
     has no offsets: it is loaded whole once (small, old models only).
 
         reader = WeightReader(url)
         reader.shapes()                      # {name: meta tensor}
         reader.read("stem.conv1.weight", 0, 4096)    # elements [0, 4096) of the flattened tensor
-        reader.tensor("head.fc.bias")        # the whole tensor, in its shape"""
+        reader.read_many([(name, 0, None), ...])     # many ranges, fetched together"""
 
     def __init__(self, url: str) -> None:
         import fsspec
@@ -235,11 +235,6 @@ class WeightReader:
                 out[i] = torch.frombuffer(bytearray(raw), dtype=dtype)
         return out
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The whole tensor ``name`` in its shape."""
-        shape = self._loaded[name].shape if name in self._loaded else self._where[name][4]
-        return self.read(name).view(shape)
-
 
 def _arrow_fs(url: str):
     """(pyarrow filesystem, path) for any fsspec URL or local path."""
@@ -252,6 +247,20 @@ def _arrow_fs(url: str):
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
+def _legacy(files: list[str]) -> bool:
+    """``weight_files`` of a legacy .pt state dict (converted to safetensors when copied)."""
+    return len(files) == 1 and not files[0].endswith(".safetensors")
+
+
+def _named_files(src: str, files: list[str]) -> list[tuple[str, str]]:
+    """(file, its name in a weights folder) for the safetensors ``files`` of ``src``: shards keep
+    their names and bring their index; one file, whatever its name, is model.safetensors."""
+    if len(files) > 1:
+        index = f"{src.rstrip('/')}/{SAFETENSORS_INDEX}"
+        return [(f, f.rsplit("/", 1)[-1]) for f in (index, *files)]
+    return [(files[0], SAFETENSORS_FILE)]
+
+
 def copy_weights(src: str, dest: str) -> str:
     """Copy the weights at ``src`` into the folder ``dest`` (local paths or fsspec URLs, any pair)
     with ``pyarrow.fs.copy_files``: streamed file by file, the model never in memory whole. A legacy
@@ -259,16 +268,11 @@ def copy_weights(src: str, dest: str) -> str:
     import pyarrow.fs as pafs
 
     files = weight_files(src)
-    if len(files) == 1 and not files[0].endswith(".safetensors"):
+    if _legacy(files):
         return write_weights(dest, load_weights(files[0]).items())
-    if len(files) > 1:                       # shards: their index travels with them
-        files = [f"{src.rstrip('/')}/{SAFETENSORS_INDEX}", *files]
-        names = [f.rsplit("/", 1)[-1] for f in files]
-    else:                                    # one file, whatever its name, is model.safetensors
-        names = [SAFETENSORS_FILE]
     dest_fs, dest_path = _arrow_fs(dest)
     dest_fs.create_dir(dest_path, recursive=True)
-    for file, name in zip(files, names):
+    for file, name in _named_files(src, files):
         src_fs, src_path = _arrow_fs(file)
         pafs.copy_files(src_path, f"{dest_path.rstrip('/')}/{name}", source_filesystem=src_fs,
                         destination_filesystem=dest_fs)
@@ -328,12 +332,10 @@ def copy_to_artifacts(src: str, artifact_uri: str, *, tracking_uri: str | None =
     repo = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory(prefix="coatnet-upload-") as tmp:
         files = weight_files(src)
-        if len(files) == 1 and not files[0].endswith(".safetensors"):
+        if _legacy(files):
             src = write_weights(os.path.join(tmp, "converted"), load_weights(files[0]).items())
             files = weight_files(src)
-        named = [(f"{src.rstrip('/')}/{SAFETENSORS_INDEX}", SAFETENSORS_INDEX)] if len(files) > 1 else []
-        named += [(f, f.rsplit("/", 1)[-1] if len(files) > 1 else SAFETENSORS_FILE) for f in files]
-        for file, name in named:              # shards with their index; one file is model.safetensors
+        for file, name in _named_files(src, files):
             local = os.path.join(tmp, name)
             with fsspec.open(file, "rb") as f, open(local, "wb") as out:
                 shutil.copyfileobj(f, out, 8 << 20)
