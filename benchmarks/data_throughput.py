@@ -361,16 +361,22 @@ def main(argv: list[str] | None = None) -> int:
         section = (f"{RESULTS_HEADING}\n\n{stamp}, {machine()}; {load_note()}. The machine is SHARED "
                    f"with other engineers' runs: wall-clock rates are low and noisy, the CPU-time rates "
                    f"are the steadier ones; re-run on an idle machine before quoting.\n\n{table}\n")
-        results = REPO / "benchmarks" / "RESULTS.md"
-        text = results.read_text() if results.exists() else "# Benchmark results\n"
-        if RESULTS_HEADING in text:   # replace our section only, keep the others'
-            head, rest = text.split(RESULTS_HEADING, 1)
-            tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-            text = head + section + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        results.write_text(text)
+        write_results_section(RESULTS_HEADING, section)
     return 0
+
+
+def write_results_section(heading: str, section: str) -> None:
+    """Put ``section`` (starting with ``heading``) into benchmarks/RESULTS.md: in place of the
+    section under that heading, up to the next ``## ``, the others kept; appended when there is none."""
+    results = REPO / "benchmarks" / "RESULTS.md"
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    if heading in text:
+        head, rest = text.split(heading, 1)
+        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
 
 
 if __name__ == "__main__":

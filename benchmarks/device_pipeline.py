@@ -384,15 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         if load > args.max_load:
             print(f"not written to RESULTS.md: load average {load:.1f} > {args.max_load} (a busy machine)")
             return 0
-        results = REPO / "benchmarks" / "RESULTS.md"
-        text = results.read_text()
-        section_text = f"{RESULTS_HEADING}\n\n" + "\n".join(out).rstrip() + "\n"
-        if RESULTS_HEADING in text:
-            before, rest = text.split(RESULTS_HEADING, 1)
-            text = before + section_text + (rest[rest.find("\n## "):] if "\n## " in rest else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section_text
-        results.write_text(text)
+        from data_throughput import write_results_section
+
+        write_results_section(RESULTS_HEADING, f"{RESULTS_HEADING}\n\n" + "\n".join(out).rstrip() + "\n")
     return 0
 
 
